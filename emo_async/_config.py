@@ -1,0 +1,161 @@
+"""Configuration records: timeouts, retries, rate limits and polling.
+
+Every record is frozen; derive a variant with ``attrs.evolve(DEFAULT_TIMEOUTS, read=120)``.
+``None`` means "off" wherever a field accepts it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_DOWNLOAD_TIMEOUTS",
+    "DEFAULT_LIMITS",
+    "DEFAULT_POLL_POLICY",
+    "DEFAULT_RETRY_POLICY",
+    "DEFAULT_TIMEOUTS",
+    "Limits",
+    "PollPolicy",
+    "RetryPolicy",
+    "Timeouts",
+]
+
+DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+
+_pos: Any = v.gt(0)
+_nonneg: Any = v.ge(0)
+_opt_pos: Any = v.optional(v.gt(0))
+_ge1: Any = v.ge(1)
+_unit: Any = [v.gt(0), v.le(1)]
+_page: Any = [v.ge(1), v.le(1000)]
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Per-phase timeouts, in seconds.
+
+    Attributes:
+        connect: Establishing a connection (including waiting for a pooled one).
+        read: The gap allowed between two reads of a response.
+        total: A whole API request, body included; ``None`` disables it. Downloads never use a
+            total: a big video on a slow link is not an error.
+    """
+
+    connect: float = attrs.field(default=10.0, validator=_pos)
+    read: float = attrs.field(default=60.0, validator=_pos)
+    total: float | None = attrs.field(default=120.0, validator=_opt_pos)
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+DEFAULT_DOWNLOAD_TIMEOUTS = Timeouts(connect=15.0, read=60.0, total=None)
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How failed requests are retried (knob names follow stamina).
+
+    The wait before retry ``n`` (0-based) is drawn uniformly from
+    ``[0, min(wait_max, wait_initial * wait_exp_base**n)]`` ("full jitter") unless the server
+    asks for a longer one through ``Retry-After``; a ``Retry-After`` beyond
+    ``retry_after_max`` is not waited for, the error is raised instead.
+
+    A retry budget (gRPC's retry throttling) stops retries from amplifying an outage: every
+    retry spends one token, every success earns ``budget_refill`` tokens, and retries are
+    allowed only while more than half of ``budget_tokens`` remain.
+
+    Attributes:
+        attempts: Total tries per request, the first one included; 1 disables retries.
+        timeout: Give up retrying once this many seconds have passed since the first try;
+            ``None`` for no limit.
+        wait_initial: Base of the exponential backoff, seconds.
+        wait_max: Ceiling of one backoff wait, seconds.
+        wait_jitter: ``True`` for full jitter; ``False`` waits the exponential value exactly.
+        wait_exp_base: Growth factor of the backoff.
+        retry_after_max: Longest ``Retry-After`` honoured, seconds.
+        budget_tokens: Size of the retry budget; ``None`` disables the budget.
+        budget_refill: Tokens earned back by each successful request.
+    """
+
+    attempts: int = attrs.field(default=8, validator=_ge1)
+    timeout: float | None = attrs.field(default=300.0, validator=_opt_pos)
+    wait_initial: float = attrs.field(default=0.5, validator=_nonneg)
+    wait_max: float = attrs.field(default=20.0, validator=_nonneg)
+    wait_jitter: bool = True
+    wait_exp_base: float = attrs.field(default=2.0, validator=_ge1)
+    retry_after_max: float = attrs.field(default=120.0, validator=_nonneg)
+    budget_tokens: float | None = attrs.field(default=20.0, validator=_opt_pos)
+    budget_refill: float = attrs.field(default=0.2, validator=_nonneg)
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+@attrs.frozen(kw_only=True)
+class Limits:
+    """Client-side request rates (per second) and pool sizes.
+
+    The rates default to DashScope's documented account limits minus headroom (other tools may
+    share the account): task queries 20 QPS, detection 5 QPS, upload policy 100 QPS. The
+    emo-v1 submit rate is not documented; 2 QPS is a cautious default. Every coroutine of one
+    ``Client`` shares these limiters, and each adapts: a 429 lowers its rate, successes raise
+    it back towards the configured value.
+
+    Attributes:
+        task_qps: ``GET /tasks/{id}`` and ``GET /tasks`` together.
+        detect_qps: emo-detect-v1 calls.
+        submit_qps: emo-v1 submits (billed).
+        policy_qps: upload-policy requests.
+        cancel_qps: task cancels.
+        max_connections: Size of the API connection pool.
+        max_uploads: Uploads in flight at once.
+        max_downloads: Downloads in flight at once.
+    """
+
+    task_qps: float = attrs.field(default=15.0, validator=_pos)
+    detect_qps: float = attrs.field(default=4.0, validator=_pos)
+    submit_qps: float = attrs.field(default=2.0, validator=_pos)
+    policy_qps: float = attrs.field(default=50.0, validator=_pos)
+    cancel_qps: float = attrs.field(default=5.0, validator=_pos)
+    max_connections: int = attrs.field(default=64, validator=_ge1)
+    max_uploads: int = attrs.field(default=4, validator=_ge1)
+    max_downloads: int = attrs.field(default=4, validator=_ge1)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@attrs.frozen(kw_only=True)
+class PollPolicy:
+    """How the shared status poller spends its task-query budget.
+
+    Attributes:
+        target_delay: The longest the client should take to notice that a task finished, in
+            seconds (the poller queries an open task at least this often once it is due, rate
+            permitting).
+        use_list: Learn which tasks finished from ``GET /tasks?status=…`` sweeps (one request
+            for many tasks) and query only those. Its limits are undocumented; the poller turns
+            it off by itself if the list ever misses a finished task.
+        list_page_size: ``page_size`` of those sweeps.
+        fallback_interval: With list sweeps on, each open task is still queried directly at
+            least this often, so a list that lags never stalls a task.
+        prior_base: Prior guess of processing time at zero audio duration, seconds.
+        prior_per_audio_second: Prior guess of processing seconds per audio second. Both priors
+            are replaced by what the poller observes.
+        early_factor: The first query of a task lands at ``early_factor`` x its predicted
+            duration (a little early beats a late notice).
+    """
+
+    target_delay: float = attrs.field(default=5.0, validator=_pos)
+    use_list: bool = True
+    list_page_size: int = attrs.field(default=100, validator=_page)
+    fallback_interval: float = attrs.field(default=60.0, validator=_pos)
+    prior_base: float = attrs.field(default=20.0, validator=_nonneg)
+    prior_per_audio_second: float = attrs.field(default=3.0, validator=_nonneg)
+    early_factor: float = attrs.field(default=0.9, validator=_unit)
+
+
+DEFAULT_POLL_POLICY = PollPolicy()
