@@ -1,0 +1,74 @@
+"""A faithful, offline simulator of Alibaba DashScope's EMO service.
+
+Use it three ways::
+
+    async with Simulator(SimulatorConfig(time_scale=0.01)) as sim:
+        sim.base_url, sim.api_key    # point a client here
+    python -m emo_async.simulator --port 8000    # or: emo-async simulator
+    app = create_app(SimulatorConfig())          # an aiohttp.web.Application
+
+It speaks the protocol of the emo-v1 / emo-detect-v1 documents: ``face-detect``, the async
+``video-synthesis`` submit, ``GET /tasks/{id}``, ``GET /tasks``, ``POST /tasks/{id}/cancel``,
+``GET /uploads?action=getPolicy`` with an OSS-like upload host (``oss://`` inputs resolve only
+with ``X-DashScope-OssResourceResolve: enable``), and a media host serving result videos at
+signed URLs (``Expires``, ``ETag``, ``Range``/``If-Range``). Limits (Bearer keys, token
+buckets answering 429 ``Throttling.RateQuota``, a FIFO concurrency cap), the task lifecycle
+(PENDING → PRE-PROCESSING → RUNNING → POST-PROCESSING → SUCCEEDED | FAILED, CANCELED; UNKNOWN
+after retention) and seeded faults (:class:`FaultConfig`) are configurable; a :class:`Ledger`
+records every request and every task created.
+
+Inputs are really validated: the simulator downloads ``image_url`` / ``audio_url`` — from
+loopback addresses only (or ``oss://`` uploads); anything else is refused with InvalidURL and
+never contacted — and reads the format from the bytes (JPEG, PNG, BMP, WEBP images; WAV and
+MP3 audio), the image size and the audio duration. Downloads are cached by URL.
+
+Content errors that would need a vision model are triggered deterministically:
+
+* a PNG text chunk (``tEXt``/``iTXt``) with key ``emo-sim`` whose value is one of
+  ``InvalidFile.Content:none`` (no person), ``InvalidFile.Content:multi`` (several people),
+  ``InvalidFile.BodyProportion``, ``InvalidFile.Value`` (too dark), ``InvalidFile.FrontBody``
+  (back view), ``InvalidFile.FullFace`` (face not whole), ``InvalidFile.FacePose``;
+* for any format, ``SimulatorConfig.content_rules``: sha256 (hex) of the image bytes → one of
+  those values.
+
+emo-detect-v1 answers such an image with ``check_pass: false`` and the documented message;
+emo-v1, if the image is submitted anyway, creates the task and fails it at the end of
+PRE-PROCESSING with that code and message.
+
+The "face" that emo-detect-v1 finds is the bounding box of the pixels that differ from the
+background (the median colour of the four corners); a figure taller than 1.25× its width
+keeps only its top as the head. A plain image, or a photo whose subject fills the frame, gets
+a centred box (30 % of the short side, centred at 42 % of the height). ``ext_bbox`` is exactly
+1:1 or 3:4, inside the image and contains the face; when no such box exists the answer is
+``check_pass: false`` with the InvalidFile.BodyProportion message.
+
+Time: ``SimulatorConfig.time_scale`` real seconds pass per simulated second for the task
+lifecycle and every validity window; ``sim.clock.advance(s)`` jumps simulated time. Answer
+times (``submit_time``, ``end_time``, ``gmt_create``) are on the simulated wall clock, which
+starts at the real wall time and runs at the simulated pace. The ``Expires`` of a video URL is
+the REAL unix time at which the URL expires (recomputed after a clock jump), so a client may
+compare it with ``time.time()``; with ``time_scale=1`` and no jump, ``end_time + 24 h`` and
+``Expires`` agree. Rate limits are in real requests per real second.
+"""
+
+from __future__ import annotations
+
+from ._app import create_app
+from ._clock import SimClock
+from ._config import ENDPOINTS, FaultConfig, SimulatorConfig
+from ._ledger import Ledger, RequestRecord, TaskRecord
+from ._server import Simulator
+from ._state import TaskSnapshot
+
+__all__ = [
+    "ENDPOINTS",
+    "FaultConfig",
+    "Ledger",
+    "RequestRecord",
+    "SimClock",
+    "Simulator",
+    "SimulatorConfig",
+    "TaskRecord",
+    "TaskSnapshot",
+    "create_app",
+]
