@@ -25,6 +25,7 @@ __all__ = [
     "Ratio",
     "StyleLevel",
     "Task",
+    "TaskListItem",
     "TaskStatus",
     "parse_server_time",
 ]
@@ -384,3 +385,36 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.state == OutcomeState.DONE
+
+
+@attrs.frozen
+class TaskListItem:
+    """One row of ``GET /tasks`` (the task list carries no result URLs).
+
+    Attributes:
+        task_id: The task.
+        status: Its status.
+        created_at: When the server created it (``gmt_create``).
+        end_time: When it finished, if it did.
+        model_name: The model that runs it.
+        request_id: The request id of the submit that created it.
+    """
+
+    task_id: str
+    status: TaskStatus
+    created_at: _dt.datetime | None = None
+    end_time: _dt.datetime | None = None
+    model_name: str | None = None
+    request_id: str | None = None
+
+    @classmethod
+    def from_json(cls, item: Mapping[str, Any]) -> TaskListItem:
+        return cls(
+            task_id=str(item.get("task_id") or ""),
+            status=TaskStatus(str(item.get("status") or item.get("task_status") or "UNKNOWN")),
+            created_at=parse_server_time(item.get("gmt_create"))
+            or parse_server_time(item.get("submit_time")),
+            end_time=parse_server_time(item.get("end_time")),
+            model_name=item.get("model_name"),
+            request_id=item.get("request_id"),
+        )

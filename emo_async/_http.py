@@ -1,0 +1,334 @@
+"""The one request path to the DashScope API.
+
+Auth header, per-phase timeouts, client-side rate limits, retries with full-jitter backoff, a
+retry budget, ``Retry-After``, and status → exception mapping all live here, once.
+
+Billed requests (the emo-v1 submit) follow a stricter rule: they are retried only when the
+request provably never reached the server — the connection failed before the request headers
+went out (seen through aiohttp's tracing hooks), or the server answered 429/503, which create
+nothing. Any other failure after the request was sent raises :class:`AmbiguousSubmitError`:
+a task may exist, and only the task list can tell.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+import attrs
+
+from ._config import RetryPolicy, Timeouts
+from ._exceptions import (
+    AmbiguousSubmitError,
+    APIError,
+    RateLimitError,
+    RequestTimeoutError,
+    ServerError,
+    TransportError,
+    error_from_response,
+)
+from ._ratelimit import AdaptiveRateLimiter
+
+__all__ = ["ApiResponse", "HttpCore", "make_trace_config", "origin_of"]
+
+logger = logging.getLogger("emo_async")
+
+#: Error bodies and non-JSON bodies are cut to this many characters in messages.
+_MAX_TEXT = 500
+#: A JSON body larger than this is refused (a misbehaving server must not eat memory).
+_MAX_BODY = 8 * 1024 * 1024
+
+
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, with default ports filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def make_trace_config() -> aiohttp.TraceConfig:
+    """Tracing that records, per request, whether its headers reached the wire."""
+
+    async def _sent(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestHeadersSentParams,
+    ) -> None:
+        req_ctx = getattr(ctx, "trace_request_ctx", None)
+        if isinstance(req_ctx, _SendState):
+            req_ctx.headers_sent = True
+
+    tc = aiohttp.TraceConfig()
+    tc.on_request_headers_sent.append(_sent)
+    return tc
+
+
+class _SendState:
+    __slots__ = ("headers_sent",)
+
+    def __init__(self) -> None:
+        self.headers_sent = False
+
+
+@attrs.frozen
+class ApiResponse:
+    """A successful answer: status, parsed JSON body and headers."""
+
+    status: int
+    body: Mapping[str, Any]
+    headers: Mapping[str, str] = attrs.field(repr=False)
+
+    @property
+    def request_id(self) -> str | None:
+        rid = self.body.get("request_id")
+        return str(rid) if rid else None
+
+
+class _RetryBudget:
+    """gRPC-style retry throttling: retries stop once the budget is half spent."""
+
+    def __init__(self, tokens: float | None, refill: float) -> None:
+        self._max = tokens
+        self._tokens = tokens or 0.0
+        self._refill = refill
+
+    def on_success(self) -> None:
+        if self._max is not None:
+            self._tokens = min(self._max, self._tokens + self._refill)
+
+    def try_spend(self) -> bool:
+        if self._max is None:
+            return True
+        if self._tokens - 1 < self._max / 2:
+            return False
+        self._tokens -= 1
+        return True
+
+
+@attrs.define
+class HttpStatistics:
+    requests: int = 0
+    retries: int = 0
+    throttled: int = 0
+    server_errors: int = 0
+    transport_errors: int = 0
+
+
+class HttpCore:
+    """Sends API requests for one :class:`Client` (internal)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        base_url: str,
+        api_key: str,
+        timeouts: Timeouts,
+        retry: RetryPolicy,
+        limiters: Mapping[str, AdaptiveRateLimiter],
+        user_agent: str,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._timeouts = timeouts
+        self._retry = retry
+        self._limiters = limiters
+        self._budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
+        self._ua = user_agent
+        self.stats = HttpStatistics()
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        t = self._timeouts
+        return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
+
+    def backoff(self, attempt: int) -> float:
+        """The wait before retry number ``attempt`` (0-based)."""
+        r = self._retry
+        cap = min(r.wait_max, r.wait_initial * (r.wait_exp_base**attempt))
+        return random.uniform(0, cap) if r.wait_jitter else cap
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        family: str,
+        json_body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        billed: bool = False,
+    ) -> ApiResponse:
+        """Send one API request, with retries, and return the parsed success body.
+
+        Raises:
+            APIError: the server answered with an error (after retries where they apply).
+            AmbiguousSubmitError: a billed request was sent but got no usable answer.
+            TransportError: no answer (after retries).
+        """
+        url = self._base + path
+        limiter = self._limiters[family]
+        hdrs = {
+            "Authorization": f"Bearer {self._key}",
+            "Accept": "application/json",
+            "User-Agent": self._ua,
+        }
+        if json_body is not None:
+            hdrs["Content-Type"] = "application/json"
+        if headers:
+            hdrs.update(headers)
+        data = json.dumps(json_body, separators=(",", ":")) if json_body is not None else None
+
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            await limiter.acquire()
+            state = _SendState()
+            sent_at = _dt.datetime.now(_dt.UTC)
+            self.stats.requests += 1
+            try:
+                result = await self._send_once(method, url, hdrs, data, params, state)
+            except TransportError as exc:
+                self.stats.transport_errors += 1
+                if billed and state.headers_sent:
+                    raise AmbiguousSubmitError(
+                        f"{method} {path}: the request was sent but no answer came back "
+                        f"({exc}); a task may have been created",
+                        sent_at=sent_at,
+                        failed_at=_dt.datetime.now(_dt.UTC),
+                    ) from exc
+                error: Exception = exc
+                retry_after = None
+            except APIError as exc:
+                if isinstance(exc, RateLimitError):
+                    self.stats.throttled += 1
+                    limiter.on_throttle(exc.retry_after)
+                elif isinstance(exc, ServerError):
+                    self.stats.server_errors += 1
+                if billed and isinstance(exc, ServerError) and exc.status != 503:
+                    # A 500 on a billed POST does not prove nothing was created.
+                    raise AmbiguousSubmitError(
+                        f"{method} {path}: the server failed after receiving the request "
+                        f"({exc}); a task may have been created",
+                        sent_at=sent_at,
+                        failed_at=_dt.datetime.now(_dt.UTC),
+                    ) from exc
+                if not exc.retryable:
+                    raise
+                error = exc
+                retry_after = exc.retry_after if isinstance(exc, RateLimitError) else None
+            else:
+                limiter.on_success()
+                self._budget.on_success()
+                return result
+
+            attempt += 1
+            wait = self.backoff(attempt - 1)
+            if retry_after is not None:
+                if retry_after > self._retry.retry_after_max:
+                    raise error
+                wait = max(wait, retry_after)
+            elapsed = time.monotonic() - started
+            if (
+                attempt >= self._retry.attempts
+                or (self._retry.timeout is not None and elapsed + wait > self._retry.timeout)
+                or not self._budget.try_spend()
+            ):
+                raise error
+            self.stats.retries += 1
+            logger.info(
+                "retrying %s %s in %.2fs after %s (attempt %d of %d)",
+                method,
+                path,
+                wait,
+                type(error).__name__,
+                attempt + 1,
+                self._retry.attempts,
+            )
+            await anyio.sleep(wait)
+
+    async def _send_once(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        data: str | None,
+        params: Mapping[str, str] | None,
+        state: _SendState,
+    ) -> ApiResponse:
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=self._timeout(),
+                allow_redirects=False,
+                trace_request_ctx=state,
+            ) as resp:
+                raw = await resp.content.read(_MAX_BODY + 1)
+                status = resp.status
+                resp_headers = dict(resp.headers)
+        except TimeoutError as exc:
+            raise RequestTimeoutError(f"{method} {_path(url)}: timed out") from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
+
+        rid_header = resp_headers.get("X-Request-Id") or resp_headers.get("x-request-id")
+        body, text = _decode(raw)
+        if len(raw) > _MAX_BODY:
+            body, text = None, "response body too large"
+        if 200 <= status < 300:
+            if body is None:
+                raise ServerError(
+                    f"the server answered {status} with a body that is not JSON: {text!r}",
+                    status=status,
+                    code=None,
+                    request_id=rid_header,
+                )
+            code = body.get("code")
+            if code not in (None, ""):
+                # A 200 whose body carries a business code is an error (DashScope does this).
+                raise error_from_response(status, body, resp_headers, request_id=rid_header)
+            logger.debug(
+                "%s %s -> %d request_id=%s", method, _path(url), status, body.get("request_id")
+            )
+            return ApiResponse(status=status, body=body, headers=resp_headers)
+        if body is None:
+            body = {"message": f"HTTP {status}: {text}" if text else f"HTTP {status}"}
+        err = error_from_response(status, body, resp_headers, request_id=rid_header)
+        logger.debug(
+            "%s %s -> %d %s request_id=%s", method, _path(url), status, err.code, err.request_id
+        )
+        raise err
+
+
+def _path(url: str) -> str:
+    # Logs and messages carry the path only: never a query (signatures) or credentials.
+    return urlsplit(url).path
+
+
+def _decode(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    text = raw[:_MAX_TEXT].decode("utf-8", "replace")
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None, text
+    if not isinstance(value, dict):
+        return None, text
+    return value, text

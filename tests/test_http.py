@@ -1,0 +1,431 @@
+"""The request path, against a scripted aiohttp server on 127.0.0.1: error mapping, retries,
+Retry-After, the retry budget, billed-submit safety, and the key's secrecy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+import emo_async
+from emo_async import Client, Limits, RetryPolicy, Timeouts
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-test-SECRET-0123456789"
+
+Script = Callable[[web.Request, int], web.StreamResponse | None]
+
+
+@attrs.define
+class Scripted:
+    """A loopback server whose answers a test scripts; it records every arrival."""
+
+    server: TestServer
+    arrivals: list[tuple[float, str, str, bool]] = attrs.field(factory=list)
+    script: Script | None = None
+
+    @property
+    def base_url(self) -> str:
+        return str(self.server.make_url("/api/v1"))
+
+    def count(self, path_part: str = "") -> int:
+        return sum(1 for a in self.arrivals if path_part in a[2])
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Scripted]:
+    holder: dict[str, Scripted] = {}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        s = holder["s"]
+        await request.read()
+        if request.path.startswith("/slow/"):
+            await asyncio.sleep(2)
+        s.arrivals.append(
+            (time.monotonic(), request.method, request.path, "Authorization" in request.headers)
+        )
+        n = sum(1 for a in s.arrivals if a[2] == request.path)
+        if s.script is not None:
+            resp = s.script(request, n)
+            if resp is not None:
+                return resp
+        return web.json_response(
+            {"request_id": f"r{n}", "output": {"task_id": "t1", "task_status": "RUNNING"}}
+        )
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    holder["s"] = Scripted(server)
+    try:
+        yield holder["s"]
+    finally:
+        await server.close()
+
+
+def fast_retry(**kw: Any) -> RetryPolicy:
+    return RetryPolicy(**{"attempts": 4, "wait_initial": 0.01, "wait_max": 0.05, **kw})
+
+
+def make_client(s: Scripted, **kw: Any) -> Client:
+    kw.setdefault("retry", fast_retry())
+    kw.setdefault("limits", Limits(task_qps=200, submit_qps=200, cancel_qps=200))
+    return Client(KEY, base_url=s.base_url, **kw)
+
+
+def err(status: int, code: str, message: str = "m", **headers: str) -> web.Response:
+    return web.json_response(
+        {"request_id": "rid-1", "code": code, "message": message}, status=status, headers=headers
+    )
+
+
+ERROR_TABLE = [
+    (400, "InvalidParameter", emo_async.InvalidParameterError),
+    (400, "InvalidURL", emo_async.InvalidURLError),
+    (400, "InvalidFile.Content", emo_async.InvalidFileContentError),
+    (400, "InvalidFile.BodyProportion", emo_async.InvalidFileBodyProportionError),
+    (400, "InvalidFile.Resolution", emo_async.InvalidFileResolutionError),
+    (400, "InvalidFile.Value", emo_async.InvalidFileValueError),
+    (400, "InvalidFile.FrontBody", emo_async.InvalidFilePoseError),
+    (400, "InvalidFile.FullFace", emo_async.InvalidFilePoseError),
+    (400, "InvalidFile.FacePose", emo_async.InvalidFilePoseError),
+    (400, "InvalidFile.SomethingNew", emo_async.InvalidFileError),
+    (400, "DataInspectionFailed", emo_async.DataInspectionFailedError),
+    (400, "UnsupportedOperation", emo_async.UnsupportedOperationError),
+    (400, "Arrearage", emo_async.QuotaExhaustedError),
+    (401, "InvalidApiKey", emo_async.InvalidApiKeyError),
+    (403, "AccessDenied", emo_async.AccessDeniedError),
+    (403, "Model.AccessDenied", emo_async.AccessDeniedError),
+    (404, "ModelNotFound", emo_async.NotFoundError),
+    (429, "Throttling.AllocationQuota", emo_async.QuotaExhaustedError),
+    (429, "PrepaidBillOverdue", emo_async.QuotaExhaustedError),
+    (429, "CommodityNotPurchased", emo_async.QuotaExhaustedError),
+]
+
+RETRYABLE_TABLE = [
+    (429, "Throttling", emo_async.RateLimitError),
+    (429, "Throttling.RateQuota", emo_async.RateLimitError),
+    (429, "LimitRequests", emo_async.RateLimitError),
+    (500, "InternalError", emo_async.InternalServerError),
+    (500, "InternalError.Algo", emo_async.InternalServerError),
+    (500, "InternalError.Timeout", emo_async.InternalServerError),
+    (500, "SystemError", emo_async.InternalServerError),
+    (503, "ModelUnavailable", emo_async.ModelUnavailableError),
+]
+
+
+class TestErrorMapping:
+    """Every documented code surfaces as its own catchable class with its data."""
+
+    @pytest.mark.parametrize(("status", "code", "cls"), ERROR_TABLE)
+    async def test_final_error_is_specific_and_not_retried(
+        self, scripted: Scripted, status: int, code: str, cls: type[Exception]
+    ) -> None:
+        scripted.script = lambda r, n: err(status, code, "the message")
+        async with make_client(scripted) as client:
+            with pytest.raises(cls) as info:
+                await client.get_task("abc")
+        e = info.value
+        assert isinstance(e, emo_async.APIError)
+        assert (e.status, e.code, e.message, e.request_id) == (
+            status,
+            code,
+            "the message",
+            "rid-1",
+        )
+        assert scripted.count("/tasks/abc") == 1
+
+    @pytest.mark.parametrize(("status", "code", "cls"), RETRYABLE_TABLE)
+    async def test_retryable_error_is_retried_then_raised(
+        self, scripted: Scripted, status: int, code: str, cls: type[Exception]
+    ) -> None:
+        scripted.script = lambda r, n: err(status, code)
+        async with make_client(scripted, retry=fast_retry(attempts=3)) as client:
+            with pytest.raises(cls):
+                await client.get_task("abc")
+        assert scripted.count("/tasks/abc") == 3
+
+    async def test_200_with_code_is_an_error(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(200, "InvalidParameter", "hidden in a 200")
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.InvalidParameterError, match="hidden in a 200"):
+                await client.get_task("abc")
+
+    async def test_non_json_error_body_becomes_server_error(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: web.Response(status=502, text="<html>bad gateway</html>")
+        async with make_client(scripted, retry=fast_retry(attempts=2)) as client:
+            with pytest.raises(emo_async.ServerError, match="bad gateway") as info:
+                await client.get_task("abc")
+        assert info.value.status == 502
+
+    async def test_non_json_success_body_is_an_error_not_a_crash(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: web.Response(status=200, text="not json")
+        async with make_client(scripted, retry=fast_retry(attempts=1)) as client:
+            with pytest.raises(emo_async.ServerError, match="not JSON"):
+                await client.get_task("abc")
+
+    async def test_response_missing_fields_gives_unknown_not_crash(
+        self, scripted: Scripted
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response({"request_id": "x"})
+        async with make_client(scripted) as client:
+            task = await client.get_task("abc")
+        assert task.task_id == "abc"
+        assert task.status == emo_async.TaskStatus.UNKNOWN
+
+
+class TestRetries:
+    """Reads ride out 429 and 5xx; Retry-After is honoured; the budget stops amplification."""
+
+    async def test_429_then_success(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(429, "Throttling.RateQuota") if n < 3 else None
+        async with make_client(scripted) as client:
+            task = await client.get_task("abc")
+            assert client.statistics().throttled == 2
+        assert task.status == emo_async.TaskStatus.RUNNING
+        assert scripted.count("/tasks/abc") == 3
+
+    @pytest.mark.parametrize(
+        "headers",
+        [{"Retry-After": "0.3"}, {"retry-after-ms": "300"}],
+    )
+    async def test_retry_after_is_honoured(
+        self, scripted: Scripted, headers: dict[str, str]
+    ) -> None:
+        scripted.script = lambda r, n: err(429, "Throttling", **headers) if n == 1 else None
+        async with make_client(scripted) as client:
+            await client.get_task("abc")
+        first, second = (a[0] for a in scripted.arrivals[:2])
+        assert second - first >= 0.3
+
+    async def test_retry_after_http_date_is_parsed(self) -> None:
+        when = emo_async._exceptions.parse_retry_after(
+            {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}
+        )
+        assert when is not None and when > 3600
+
+    async def test_retry_after_beyond_ceiling_raises_instead_of_waiting(
+        self, scripted: Scripted
+    ) -> None:
+        scripted.script = lambda r, n: err(429, "Throttling", **{"Retry-After": "3600"})
+        async with make_client(scripted, retry=fast_retry(retry_after_max=10)) as client:
+            with pytest.raises(emo_async.RateLimitError) as info:
+                await client.get_task("abc")
+        assert info.value.retry_after == 3600
+        assert scripted.count("/tasks/abc") == 1
+
+    async def test_retry_budget_stops_amplifying_an_outage(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(503, "ModelUnavailable")
+        policy = fast_retry(attempts=10, budget_tokens=4, budget_refill=0.1)
+        async with make_client(scripted, retry=policy) as client:
+            for i in range(5):
+                with pytest.raises(emo_async.ModelUnavailableError):
+                    await client.get_task(f"t{i}")
+        # 4 tokens, retries allowed while more than half remain: 2 retries in total, so
+        # 5 first tries + 2 retries instead of 5 x 10 requests.
+        assert len(scripted.arrivals) == 7
+
+    async def test_connection_refused_is_a_transport_error(self) -> None:
+        import socket
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        client = Client(KEY, base_url=f"http://127.0.0.1:{port}/api/v1", retry=fast_retry())
+        async with client:
+            with pytest.raises(emo_async.TransportError) as info:
+                await client.get_task("abc")
+        assert KEY not in str(info.value)
+
+
+class TestBilledSubmit:
+    """A submit is resent only when provably nothing was created."""
+
+    BOX = (0, 0, 100, 100)
+
+    async def submit(self, client: Client) -> emo_async.Task:
+        return await client.submit(
+            "http://127.0.0.1/i.png",
+            "http://127.0.0.1/a.wav",
+            face_bbox=self.BOX,
+            ext_bbox=self.BOX,
+        )
+
+    async def test_submit_sends_async_header_and_body(self, scripted: Scripted) -> None:
+        seen: dict[str, Any] = {}
+
+        def script(r: web.Request, n: int) -> web.Response:
+            seen["async"] = r.headers.get("X-DashScope-Async")
+            seen["oss"] = r.headers.get("X-DashScope-OssResourceResolve")
+            return web.json_response(
+                {"request_id": "r", "output": {"task_id": "T", "task_status": "PENDING"}}
+            )
+
+        scripted.script = script
+        async with make_client(scripted) as client:
+            task = await self.submit(client)
+        assert task.task_id == "T"
+        assert seen == {"async": "enable", "oss": None}
+
+    async def test_500_on_submit_is_ambiguous_and_never_resent(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(500, "InternalError")
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.AmbiguousSubmitError) as info:
+                await self.submit(client)
+        assert scripted.count("video-synthesis") == 1
+        assert info.value.sent_at <= info.value.failed_at
+
+    async def test_reset_after_send_is_ambiguous_and_never_resent(self, scripted: Scripted) -> None:
+        def script(r: web.Request, n: int) -> None:
+            assert r.transport is not None
+            r.transport.close()
+            return None
+
+        scripted.script = script
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.AmbiguousSubmitError):
+                await self.submit(client)
+        assert scripted.count("video-synthesis") == 1
+
+    async def test_read_timeout_after_send_is_ambiguous(self, scripted: Scripted) -> None:
+        client = Client(
+            KEY,
+            base_url=str(scripted.server.make_url("/slow/api/v1")),
+            timeouts=Timeouts(connect=1, read=0.2, total=5),
+            retry=fast_retry(),
+        )
+        async with client:
+            with pytest.raises(emo_async.AmbiguousSubmitError):
+                await self.submit(client)
+
+    @pytest.mark.parametrize(
+        ("status", "code"), [(429, "Throttling.RateQuota"), (503, "ModelUnavailable")]
+    )
+    async def test_status_that_creates_nothing_is_retried(
+        self, scripted: Scripted, status: int, code: str
+    ) -> None:
+        scripted.script = lambda r, n: err(status, code) if n == 1 else None
+        async with make_client(scripted) as client:
+            await self.submit(client)
+        assert scripted.count("video-synthesis") == 2
+
+    async def test_oss_inputs_get_the_resolve_header(self, scripted: Scripted) -> None:
+        seen: list[str | None] = []
+
+        def script(r: web.Request, n: int) -> None:
+            seen.append(r.headers.get("X-DashScope-OssResourceResolve"))
+            return None
+
+        scripted.script = script
+        async with make_client(scripted) as client:
+            await client.submit(
+                "oss://d/i.png", "http://x/a.wav", face_bbox=self.BOX, ext_bbox=self.BOX
+            )
+            await client.detect("oss://d/i.png")
+        assert seen == ["enable", "enable"]
+
+
+class TestClientSetup:
+    """Configuration errors are clear and come before any request."""
+
+    def test_missing_key_is_a_clear_error(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+        with pytest.raises(ValueError, match="DASHSCOPE_API_KEY"):
+            Client()
+
+    def test_environment_fallbacks(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("DASHSCOPE_API_KEY", KEY)
+        monkeypatch.setenv("DASHSCOPE_HTTP_BASE_URL", "http://127.0.0.1:9/api/v1/")
+        client = Client()
+        assert client.base_url == "http://127.0.0.1:9/api/v1"
+
+    def test_default_base_url_is_beijing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
+        assert Client(KEY).base_url == "https://dashscope.aliyuncs.com/api/v1"
+
+    @pytest.mark.parametrize(
+        "url", ["http://dashscope.aliyuncs.com/api/v1", "ftp://x/api", "http://user:pw@127.0.0.1/"]
+    )
+    def test_unsafe_base_url_refused(self, url: str) -> None:
+        with pytest.raises(ValueError, match="base_url"):
+            Client(KEY, base_url=url)
+
+    def test_repr_never_shows_the_key(self) -> None:
+        client = Client(KEY, base_url="http://127.0.0.1:1/api/v1")
+        assert KEY not in repr(client)
+        assert KEY[-6:] not in repr(client)
+
+    async def test_use_outside_context_is_a_programming_error(self, scripted: Scripted) -> None:
+        client = make_client(scripted)
+        with pytest.raises(emo_async.ClientClosedError):
+            await client.get_task("abc")
+        async with client:
+            pass
+        with pytest.raises(RuntimeError):
+            await client.get_task("abc")
+
+    async def test_bad_task_id_refused_locally(self, scripted: Scripted) -> None:
+        async with make_client(scripted) as client:
+            with pytest.raises(ValueError, match="task id"):
+                await client.get_task("../uploads")
+        assert scripted.arrivals == []
+
+
+class TestSecrecy:
+    """The key appears in no log line, exception or repr, even at DEBUG."""
+
+    async def test_key_absent_from_logs_and_errors(
+        self, scripted: Scripted, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        scripted.script = lambda r, n: err(401, "InvalidApiKey", "Invalid API-key provided.")
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.InvalidApiKeyError) as info:
+                await client.get_task("abc")
+            texts = [str(info.value), repr(info.value), repr(client), repr(client.statistics())]
+        texts += [r.getMessage() for r in caplog.records]
+        texts += [json.dumps(r.__dict__, default=str) for r in caplog.records]
+        assert not any(KEY in t for t in texts)
+        assert all(a[3] for a in scripted.arrivals)
+
+
+class TestRateLimit:
+    """The configured rate holds at the server with 200 concurrent callers."""
+
+    async def test_200_callers_never_exceed_qps(self, scripted: Scripted) -> None:
+        import anyio
+
+        qps = 50.0
+        async with Client(KEY, base_url=scripted.base_url, limits=Limits(task_qps=qps)) as client:
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(client.get_task, f"t{i}")
+        times = sorted(a[0] for a in scripted.arrivals)
+        assert len(times) == 200
+        worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+        assert worst <= qps
+
+    async def test_429_lowers_the_rate_and_success_restores_it(self, scripted: Scripted) -> None:
+        def script(r: web.Request, n: int) -> web.Response | None:
+            return err(429, "Throttling.RateQuota") if len(scripted.arrivals) <= 2 else None
+
+        scripted.script = script
+        async with make_client(scripted) as client:
+            await client.get_task("abc")
+            lim = client.statistics().limiters["task"]
+            assert lim.rate < lim.max_rate
+            assert lim.throttled == 2
+            for i in range(100):
+                await client.get_task(f"x{i}")
+            assert client.statistics().limiters["task"].rate > lim.rate
