@@ -1,0 +1,159 @@
+"""Output file names: safe on Linux, macOS and Windows, never outside ``out_dir``.
+
+A job's name comes from the user (or a manifest somebody else wrote), so it is untrusted: it
+may hold ``../``, an absolute path, NUL, control characters or a name Windows reserves. The
+rules here keep whatever readable part there is and fall back to a stable id otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+from ._exceptions import DownloadError
+
+__all__ = ["MAX_STEM_BYTES", "OutputNames", "safe_stem"]
+
+#: Longest stem, in UTF-8 bytes. Most file systems allow 255 bytes per name; this leaves room
+#: for a ``-<key>`` suffix, ``.mp4`` and ``.part.json``.
+MAX_STEM_BYTES = 120
+
+_SEPARATORS = re.compile(r"[/\\]")
+# Characters Windows refuses in a name; ":" also stops NTFS alternate data streams.
+_WINDOWS_INVALID = re.compile(r'[<>:"|?*]')
+# Bidirectional overrides can make "exe.mp4" display as "mp4.exe"; drop them with the
+# control characters.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f")
+_DROP_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{p}{d}" for p in ("COM", "LPT") for d in "123456789\u00b9\u00b2\u00b3"}
+)
+_DEFAULT_FALLBACK = "video"
+
+
+def _clean_component(text: str) -> str:
+    text = "".join(
+        ch for ch in text if unicodedata.category(ch) not in _DROP_CATEGORIES and ch not in _BIDI
+    )
+    text = _WINDOWS_INVALID.sub("_", unicodedata.normalize("NFC", text))
+    text = text.lstrip(". ").rstrip(". ")
+    encoded = text.encode("utf-8")
+    if len(encoded) > MAX_STEM_BYTES:
+        # errors="ignore" drops a multi-byte character cut in half at the end.
+        text = encoded[:MAX_STEM_BYTES].decode("utf-8", errors="ignore").rstrip(". ")
+    base, dot, rest = text.partition(".")
+    if base.rstrip(" ").upper() in _RESERVED:
+        text = f"{base}_{dot}{rest}"
+    return text
+
+
+def safe_stem(name: str, *, fallback: str) -> str:
+    """Turn an untrusted name into a file stem that is safe on Linux, macOS and Windows.
+
+    The name is NFC-normalised; only its last path component that has something left after
+    cleaning is kept (``"../x"`` and ``"C:\\\\x"`` become ``"x"``); NUL, control characters,
+    bidirectional overrides and leading or trailing dots and spaces are dropped; characters
+    Windows refuses (``<>:"|?*``) become ``_``; names Windows reserves (``CON``, ``nul.txt``,
+    ``COM1`` …) get a ``_`` after their base; the result is cut to :data:`MAX_STEM_BYTES`
+    UTF-8 bytes without splitting a character.
+
+    Args:
+        name: The untrusted name.
+        fallback: Used when nothing is left of ``name`` (cleaned the same way; ``"video"`` if
+            it is empty too).
+
+    Returns:
+        A non-empty stem without separators, NUL or control characters.
+    """
+    normalised = unicodedata.normalize("NFC", name)
+    for part in reversed(_SEPARATORS.split(normalised)):
+        stem = _clean_component(part)
+        if stem:
+            return stem
+    stem = _clean_component(_SEPARATORS.sub("_", unicodedata.normalize("NFC", fallback)))
+    return stem or _DEFAULT_FALLBACK
+
+
+class OutputNames:
+    """Assigns ``{stem}.mp4`` paths inside one directory, deterministically.
+
+    The first job to claim a stem gets ``{stem}.mp4``; a job with the same stem but another key
+    gets ``{stem}-{key[:8]}.mp4`` (longer key prefixes if even that is taken). Names are
+    compared case-insensitively, since macOS and Windows file systems usually are. The same
+    ``(name, key)`` always gets the same path.
+
+    Args:
+        out_dir: Where the files go.
+        suffix: The file extension, dot included.
+    """
+
+    def __init__(self, out_dir: Path | str, *, suffix: str = ".mp4") -> None:
+        self._out_dir = Path(out_dir)
+        self._suffix = suffix
+        self._assigned: dict[tuple[str, str], Path] = {}
+        self._claimed: dict[str, tuple[str, str]] = {}
+
+    @property
+    def out_dir(self) -> Path:
+        """The directory every assigned path lies in."""
+        return self._out_dir
+
+    def assign(self, name: str, key: str) -> Path:
+        """The output path of the job named ``name`` with the stable id ``key``.
+
+        Args:
+            name: The job's name (untrusted; it is sanitised with :func:`safe_stem`).
+            key: A stable id of the job (a hash of its inputs, a task id): it is the fallback
+                stem and tells apart jobs whose names collide.
+
+        Returns:
+            A path directly inside ``out_dir``.
+
+        Raises:
+            DownloadError: The path would resolve outside ``out_dir`` (e.g. an existing
+                symlink of that name points elsewhere).
+        """
+        ident = (name, key)
+        known = self._assigned.get(ident)
+        if known is not None:
+            return known
+        safe_key = safe_stem(key, fallback="job")
+        stem = safe_stem(name, fallback=safe_key)
+        candidates = [stem]
+        candidates += [f"{stem}-{safe_key[:n]}" for n in (8, 16)]
+        candidates.append(f"{stem}-{safe_key}")
+        filename = None
+        for candidate in candidates:
+            if self._claim(candidate, ident):
+                filename = candidate + self._suffix
+                break
+        counter = 2
+        while filename is None:
+            # Only reachable when two keys share their whole sanitised text.
+            candidate = f"{stem}-{safe_key}-{counter}"
+            if self._claim(candidate, ident):
+                filename = candidate + self._suffix
+            counter += 1
+        path = self._out_dir / filename
+        self._check_inside(path)
+        self._assigned[ident] = path
+        return path
+
+    def _claim(self, candidate: str, ident: tuple[str, str]) -> bool:
+        folded = (candidate + self._suffix).casefold()
+        owner = self._claimed.get(folded)
+        if owner is None:
+            self._claimed[folded] = ident
+            return True
+        return owner == ident
+
+    def _check_inside(self, path: Path) -> None:
+        # The stem has no separator, so only a symlink (or a hostile out_dir entry) can take the
+        # path elsewhere; strict=False resolves as far as the path exists.
+        where = os.path.realpath(path)
+        parent = os.path.dirname(where)
+        if parent != os.path.realpath(self._out_dir):
+            raise DownloadError(f"refusing output path {path}: it resolves outside {self._out_dir}")
