@@ -1,7 +1,15 @@
-"""emo_async: an asyncio-native SDK for Alibaba DashScope's EMO talking-portrait models."""
+"""emo_async: an asyncio-native SDK for Alibaba DashScope's EMO talking-portrait models.
 
+Validate locally, upload, detect once per portrait, submit under explicit limits, poll every
+task through one shared poller, download before the URL expires, and journal every step so a
+crashed batch resumes without paying twice.
+"""
+
+from ._batch import BatchEvent, BatchRun, BatchStats
+from ._client import Client, ClientStatistics
 from ._config import (
     DEFAULT_BASE_URL,
+    DEFAULT_DOWNLOAD_TIMEOUTS,
     DEFAULT_LIMITS,
     DEFAULT_POLL_POLICY,
     DEFAULT_RETRY_POLICY,
@@ -11,8 +19,48 @@ from ._config import (
     RetryPolicy,
     Timeouts,
 )
-from ._exceptions import *  # noqa: F403
-from ._exceptions import __all__ as _exc_all
+from ._download import DownloadResult, url_deadline
+from ._exceptions import (
+    AccessDeniedError,
+    AmbiguousSubmitError,
+    APIError,
+    AuthenticationError,
+    ClientClosedError,
+    DataInspectionFailedError,
+    DetectionRejectedError,
+    DownloadError,
+    EmoError,
+    InputError,
+    InternalServerError,
+    InvalidApiKeyError,
+    InvalidFileBodyProportionError,
+    InvalidFileContentError,
+    InvalidFileError,
+    InvalidFilePoseError,
+    InvalidFileResolutionError,
+    InvalidFileValueError,
+    InvalidParameterError,
+    InvalidRequestError,
+    InvalidURLError,
+    JobCancelledError,
+    JobError,
+    JobFailedError,
+    JournalCorruptError,
+    JournalError,
+    JournalLockedError,
+    ModelUnavailableError,
+    NotFoundError,
+    Problem,
+    QuotaExhaustedError,
+    RateLimitError,
+    RequestTimeoutError,
+    ResultExpiredError,
+    ServerError,
+    TransportError,
+    UnsupportedOperationError,
+)
+from ._journal import Journal, JournalSummary, open_journal, read_summary
+from ._media import Estimate, ValidatedJob, estimate, validate_job
 from ._models import (
     Detection,
     ErrorInfo,
@@ -20,38 +68,91 @@ from ._models import (
     Outcome,
     OutcomeState,
     Task,
+    TaskListItem,
     TaskStatus,
 )
 from ._version import __version__
 
-__all__ = sorted(
-    [
-        "DEFAULT_BASE_URL",
-        "DEFAULT_LIMITS",
-        "DEFAULT_POLL_POLICY",
-        "DEFAULT_RETRY_POLICY",
-        "DEFAULT_TIMEOUTS",
-        "Detection",
-        "ErrorInfo",
-        "Job",
-        "Limits",
-        "Outcome",
-        "OutcomeState",
-        "PollPolicy",
-        "RetryPolicy",
-        "Task",
-        "TaskStatus",
-        "Timeouts",
-        "__version__",
-        *[n for n in _exc_all if n not in ("error_from_response", "parse_retry_after")],
-    ]
-)
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_DOWNLOAD_TIMEOUTS",
+    "DEFAULT_LIMITS",
+    "DEFAULT_POLL_POLICY",
+    "DEFAULT_RETRY_POLICY",
+    "DEFAULT_TIMEOUTS",
+    "APIError",
+    "AccessDeniedError",
+    "AmbiguousSubmitError",
+    "AuthenticationError",
+    "BatchEvent",
+    "BatchRun",
+    "BatchStats",
+    "Client",
+    "ClientClosedError",
+    "ClientStatistics",
+    "DataInspectionFailedError",
+    "Detection",
+    "DetectionRejectedError",
+    "DownloadError",
+    "DownloadResult",
+    "EmoError",
+    "ErrorInfo",
+    "Estimate",
+    "InputError",
+    "InternalServerError",
+    "InvalidApiKeyError",
+    "InvalidFileBodyProportionError",
+    "InvalidFileContentError",
+    "InvalidFileError",
+    "InvalidFilePoseError",
+    "InvalidFileResolutionError",
+    "InvalidFileValueError",
+    "InvalidParameterError",
+    "InvalidRequestError",
+    "InvalidURLError",
+    "Job",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "Journal",
+    "JournalCorruptError",
+    "JournalError",
+    "JournalLockedError",
+    "JournalSummary",
+    "Limits",
+    "ModelUnavailableError",
+    "NotFoundError",
+    "Outcome",
+    "OutcomeState",
+    "PollPolicy",
+    "Problem",
+    "QuotaExhaustedError",
+    "RateLimitError",
+    "RequestTimeoutError",
+    "ResultExpiredError",
+    "RetryPolicy",
+    "ServerError",
+    "Task",
+    "TaskListItem",
+    "TaskStatus",
+    "Timeouts",
+    "TransportError",
+    "UnsupportedOperationError",
+    "ValidatedJob",
+    "__version__",
+    "estimate",
+    "open_journal",
+    "read_summary",
+    "url_deadline",
+    "validate_job",
+]
 
 
 def _fix_module_names() -> None:
     # Public objects report ``emo_async`` as their module (as anyio and httpx do).
+    g = globals()
     for name in __all__:
-        obj = globals().get(name)
+        obj = g.get(name)
         if isinstance(obj, type) and obj.__module__.startswith("emo_async._"):
             obj.__module__ = "emo_async"
 

@@ -1,0 +1,837 @@
+"""The client: one connection pool, the limiters, the shared poller, the downloader."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import ipaddress
+import logging
+import mimetypes
+import os
+import time
+import uuid
+import warnings
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import urlsplit
+
+import aiofiles
+import aiohttp
+import anyio
+import attrs
+from anyio import AsyncContextManagerMixin
+
+from ._config import (
+    DEFAULT_BASE_URL,
+    DEFAULT_DOWNLOAD_TIMEOUTS,
+    DEFAULT_LIMITS,
+    DEFAULT_POLL_POLICY,
+    DEFAULT_RETRY_POLICY,
+    DEFAULT_TIMEOUTS,
+    Limits,
+    PollPolicy,
+    RetryPolicy,
+    Timeouts,
+)
+from ._exceptions import (
+    APIError,
+    ClientClosedError,
+    JobCancelledError,
+    JobFailedError,
+    TransportError,
+)
+from ._http import HttpCore, make_trace_config, origin_of
+from ._models import (
+    SERVER_TZ,
+    BBox,
+    Detection,
+    Outcome,
+    Task,
+    TaskListItem,
+    TaskStatus,
+)
+from ._poller import PollerStatistics, StatusPoller
+from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
+from ._util import single_error
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from ._batch import BatchRun
+    from ._download import Downloader, DownloadResult
+    from ._journal import Journal
+    from ._models import Job
+
+__all__ = ["Client", "ClientStatistics"]
+
+logger = logging.getLogger("emo_async")
+
+EMO_MODEL = "emo-v1"
+DETECT_MODEL = "emo-detect-v1"
+_SUBMIT_PATH = "/services/aigc/image2video/video-synthesis/"
+_DETECT_PATH = "/services/aigc/image2video/face-detect"
+#: Temporary uploads are valid 48 h; stop reusing one a little before that.
+_UPLOAD_VALIDITY = _dt.timedelta(hours=48)
+_UPLOAD_REUSE_MARGIN = _dt.timedelta(hours=1)
+_STYLES = ("normal", "calm", "active")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL, got {url!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            "base_url uses plain http:// to a non-loopback host; the API key would travel "
+            f"unencrypted. Use https:// (got host {parts.hostname!r})."
+        )
+    if parts.username or parts.password:
+        raise ValueError("base_url must not carry credentials")
+    return url.rstrip("/")
+
+
+@attrs.frozen
+class ClientStatistics:
+    """A snapshot of a client's activity.
+
+    Attributes:
+        requests: API requests sent (each retry counts).
+        retries: Retries made.
+        throttled: 429s received.
+        server_errors: 5xx received.
+        transport_errors: Requests that got no answer.
+        limiters: The rate limiters, by endpoint family.
+        poller: The shared poller.
+    """
+
+    requests: int
+    retries: int
+    throttled: int
+    server_errors: int
+    transport_errors: int
+    limiters: Mapping[str, RateLimiterStatistics]
+    poller: PollerStatistics
+
+
+@attrs.frozen
+class _Policy:
+    data: Mapping[str, Any]
+    expires: float  # monotonic
+
+
+class Client(AsyncContextManagerMixin):
+    """An asyncio client for DashScope's EMO models.
+
+    Use it as an async context manager; it owns one connection pool, the rate limiters, one
+    shared status poller and a downloader::
+
+        async with Client() as client:
+            outcome = await client.generate("me.png", "hello.wav", "out/hello.mp4")
+
+    Args:
+        api_key: DashScope API key; falls back to ``DASHSCOPE_API_KEY``.
+        base_url: API base URL; falls back to ``DASHSCOPE_HTTP_BASE_URL``, then Beijing's
+            ``https://dashscope.aliyuncs.com/api/v1``. Plain ``http://`` is accepted only for
+            loopback hosts (the simulator).
+        timeouts: Per-phase timeouts of API requests.
+        retry: Retry policy of API requests (the billed submit is retried only when provably
+            unsent).
+        limits: Request rates and pool sizes.
+        poll: How the shared poller spends its query budget.
+        download_timeouts: Connect and per-read timeouts of downloads (never a total).
+
+    Raises:
+        ValueError: no API key, or a bad base URL.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        base_url: str | None = None,
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        limits: Limits = DEFAULT_LIMITS,
+        poll: PollPolicy = DEFAULT_POLL_POLICY,
+        download_timeouts: Timeouts = DEFAULT_DOWNLOAD_TIMEOUTS,
+    ) -> None:
+        key = api_key if api_key is not None else os.environ.get("DASHSCOPE_API_KEY")
+        if not key:
+            raise ValueError(
+                "no API key: pass api_key=... or set DASHSCOPE_API_KEY "
+                "(for the offline simulator, use emo_async.simulator)"
+            )
+        self.__key = key
+        self.base_url = _check_base_url(
+            base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL") or DEFAULT_BASE_URL
+        )
+        self.timeouts = timeouts
+        self.retry = retry
+        self.limits = limits
+        self.poll_policy = poll
+        self.download_timeouts = download_timeouts
+        self._state = "unopened"
+        self._http: HttpCore | None = None
+        self._ext_session: aiohttp.ClientSession | None = None
+        self._poller: StatusPoller | None = None
+        self._downloader: Downloader | None = None
+        self._limiters = {
+            "task": AdaptiveRateLimiter("task", limits.task_qps),
+            "detect": AdaptiveRateLimiter("detect", limits.detect_qps),
+            "submit": AdaptiveRateLimiter("submit", limits.submit_qps),
+            "policy": AdaptiveRateLimiter("policy", limits.policy_qps),
+            "cancel": AdaptiveRateLimiter("cancel", limits.cancel_qps),
+        }
+        self._upload_slots = anyio.CapacityLimiter(limits.max_uploads)
+        self._policies: dict[str, _Policy] = {}
+        self._policy_lock = anyio.Lock()
+        self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime]] = {}
+        self._inflight: dict[Any, anyio.Event] = {}
+        self._detections: dict[tuple[str, str], Detection] = {}
+        self._submit_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def __repr__(self) -> str:
+        # Never the key, not even a part of it.
+        return f"<Client base_url={self.base_url!r} state={self._state}>"
+
+    @property
+    def api_origin(self) -> tuple[str, str, int]:
+        return origin_of(self.base_url)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        if self._state != "unopened":
+            raise ClientClosedError("a Client can be entered once; create a new one")
+        from ._download import Downloader
+
+        ua = f"emo-async/{__version__} aiohttp/{aiohttp.__version__}"
+        connector = aiohttp.TCPConnector(limit=self.limits.max_connections, limit_per_host=0)
+        api_session = aiohttp.ClientSession(
+            connector=connector,
+            trace_configs=[make_trace_config()],
+            # Proxies from the environment are honoured; cookies are not kept.
+            trust_env=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        ext_session = aiohttp.ClientSession(
+            trust_env=True,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": ua},
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.download_timeouts.connect,
+                sock_read=self.download_timeouts.read,
+            ),
+        )
+        try:
+            self._http = HttpCore(
+                api_session,
+                base_url=self.base_url,
+                api_key=self.__key,
+                timeouts=self.timeouts,
+                retry=self.retry,
+                limiters=self._limiters,
+                user_agent=ua,
+            )
+            self._ext_session = ext_session
+            self._poller = StatusPoller(self.poll_policy, self.get_task, self._sweep_pages)
+            body_exc: BaseException | None = None
+            try:
+                async with (
+                    Downloader(
+                        max_concurrent=self.limits.max_downloads,
+                        timeouts=self.download_timeouts,
+                        retry=self.retry,
+                        forbidden_origins=[self._origin_str()],
+                    ) as downloader,
+                    anyio.create_task_group() as tg,
+                ):
+                    self._downloader = downloader
+                    self._tg = tg
+                    await tg.start(self._poller.run)
+                    self._state = "open"
+                    try:
+                        yield self
+                    except BaseException as exc:
+                        body_exc = exc
+                        raise
+                    finally:
+                        self._state = "closed"
+                        self._poller.fail_all(ClientClosedError("the client was closed"))
+                        tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                single = single_error(group, body_exc)
+                if single is None:
+                    raise
+                raise single from None
+        finally:
+            self._state = "closed"
+            await api_session.close()
+            await ext_session.close()
+
+    async def aclose(self) -> None:
+        """Nothing to do outside ``async with``; present for symmetry with httpx."""
+        self._state = "closed"
+
+    def _origin_str(self) -> str:
+        scheme, host, port = self.api_origin
+        return f"{scheme}://{host}:{port}"
+
+    def _core(self) -> HttpCore:
+        if self._state != "open" or self._http is None:
+            raise ClientClosedError(
+                "the client is not open: use `async with Client(...) as client:`"
+            )
+        return self._http
+
+    @property
+    def poller(self) -> StatusPoller:
+        self._core()
+        assert self._poller is not None
+        return self._poller
+
+    @property
+    def downloader(self) -> Downloader:
+        self._core()
+        assert self._downloader is not None
+        return self._downloader
+
+    def statistics(self) -> ClientStatistics:
+        """Counts of requests, retries, throttling, and the poller's state."""
+        http = self._http
+        poller = self._poller
+        return ClientStatistics(
+            requests=http.stats.requests if http else 0,
+            retries=http.stats.retries if http else 0,
+            throttled=http.stats.throttled if http else 0,
+            server_errors=http.stats.server_errors if http else 0,
+            transport_errors=http.stats.transport_errors if http else 0,
+            limiters={k: v.statistics() for k, v in self._limiters.items()},
+            poller=poller.statistics()
+            if poller
+            else PollerStatistics(0, 0, 0, 0, self.poll_policy.use_list),
+        )
+
+    # -- single calls ------------------------------------------------------------------------
+
+    @staticmethod
+    def _oss_headers(*urls: str) -> dict[str, str]:
+        if any(u.startswith("oss://") for u in urls):
+            return {"X-DashScope-OssResourceResolve": "enable"}
+        return {}
+
+    async def detect(self, image_url: str, *, ratio: str = "1:1") -> Detection:
+        """Run emo-detect-v1 on a portrait URL (``http(s)://`` or ``oss://``).
+
+        Returns the answer whatever ``check_pass`` says; the batch turns a failed check into
+        :class:`DetectionRejectedError`.
+        """
+        if ratio not in ("1:1", "3:4"):
+            raise ValueError(f"ratio must be '1:1' or '3:4', got {ratio!r}")
+        resp = await self._core().request(
+            "POST",
+            _DETECT_PATH,
+            family="detect",
+            json_body={
+                "model": DETECT_MODEL,
+                "input": {"image_url": image_url},
+                "parameters": {"ratio": ratio},
+            },
+            headers=self._oss_headers(image_url),
+        )
+        return Detection.from_json(resp.body, ratio=ratio)  # type: ignore[arg-type]
+
+    async def submit(
+        self,
+        image_url: str,
+        audio_url: str,
+        *,
+        face_bbox: BBox | Iterable[int],
+        ext_bbox: BBox | Iterable[int],
+        style_level: str = "normal",
+    ) -> Task:
+        """Create an emo-v1 task (billed). Sent at most once.
+
+        Raises:
+            AmbiguousSubmitError: the request went out but no answer came back; a task may
+                exist. It is never resent blindly: see :meth:`find_submitted_tasks`.
+        """
+        if style_level not in _STYLES:
+            raise ValueError(f"style_level must be one of {_STYLES}, got {style_level!r}")
+        body = {
+            "model": EMO_MODEL,
+            "input": {
+                "image_url": image_url,
+                "audio_url": audio_url,
+                "face_bbox": list(face_bbox),
+                "ext_bbox": list(ext_bbox),
+            },
+            "parameters": {"style_level": style_level},
+        }
+        headers = {"X-DashScope-Async": "enable", **self._oss_headers(image_url, audio_url)}
+        resp = await self._core().request(
+            "POST", _SUBMIT_PATH, family="submit", json_body=body, headers=headers, billed=True
+        )
+        task = Task.from_json(resp.body)
+        if not task.task_id:
+            raise APIError(
+                "the submit answer carries no task id",
+                status=resp.status,
+                request_id=resp.request_id,
+            )
+        logger.info("submitted task %s (request_id=%s)", task.task_id, resp.request_id)
+        return task
+
+    async def get_task(self, task_id: str) -> Task:
+        """One ``GET /tasks/{task_id}`` (counts against the task-query limit)."""
+        _check_task_id(task_id)
+        resp = await self._core().request("GET", f"/tasks/{task_id}", family="task")
+        task = Task.from_json(resp.body)
+        if not task.task_id:
+            task = attrs.evolve(task, task_id=task_id)
+        return task
+
+    async def cancel_task(self, task_id: str) -> Task:
+        """Cancel a task that is still PENDING (DashScope cancels nothing else)."""
+        _check_task_id(task_id)
+        resp = await self._core().request("POST", f"/tasks/{task_id}/cancel", family="cancel")
+        task = Task.from_json(resp.body)
+        if not task.task_id:
+            task = Task(task_id=task_id, status=TaskStatus.CANCELED, request_id=resp.request_id)
+        return task
+
+    async def list_tasks(
+        self,
+        *,
+        start_time: _dt.datetime | None = None,
+        end_time: _dt.datetime | None = None,
+        status: str | None = None,
+        model_name: str | None = EMO_MODEL,
+        page_size: int = 100,
+        max_pages: int | None = None,
+    ) -> AsyncIterator[TaskListItem]:
+        """Iterate over ``GET /tasks``, every page (newest first), or the first ``max_pages``."""
+        page = 1
+        while max_pages is None or page <= max_pages:
+            params: dict[str, str] = {"page_no": str(page), "page_size": str(page_size)}
+            if start_time is not None:
+                params["start_time"] = _server_stamp(start_time)
+            if end_time is not None:
+                params["end_time"] = _server_stamp(end_time)
+            if status:
+                params["status"] = status
+            if model_name:
+                params["model_name"] = model_name
+            resp = await self._core().request("GET", "/tasks", family="task", params=params)
+            if self._poller is not None:
+                self._poller.note_list_page()
+            body = resp.body
+            data = body.get("data")
+            if data is None and isinstance(body.get("output"), Mapping):
+                data = body["output"].get("data")
+            items = data if isinstance(data, list) else []
+            for item in items:
+                if isinstance(item, Mapping):
+                    yield TaskListItem.from_json(item)
+            total_page = _as_int(body.get("total_page"))
+            if not items or (total_page is not None and page >= total_page):
+                return
+            if total_page is None and len(items) < page_size:
+                return
+            page += 1
+
+    def _sweep_pages(self, max_pages: int) -> AsyncIterator[TaskListItem]:
+        return self.list_tasks(page_size=self.poll_policy.list_page_size, max_pages=max_pages)
+
+    async def find_submitted_tasks(
+        self,
+        sent_at: _dt.datetime,
+        failed_at: _dt.datetime,
+        *,
+        exclude: Iterable[str] = (),
+        margin: float = 5.0,
+    ) -> list[TaskListItem]:
+        """Tasks created between ``sent_at`` and ``failed_at`` (± ``margin`` seconds) that are
+        not in ``exclude``: the candidates for an ambiguous submit."""
+        lo = sent_at - _dt.timedelta(seconds=margin)
+        hi = failed_at + _dt.timedelta(seconds=margin)
+        skip = set(exclude)
+        found: list[TaskListItem] = []
+        # The list filters by whole seconds; widen by one and filter precisely here.
+        async for item in self.list_tasks(
+            start_time=lo - _dt.timedelta(seconds=1), end_time=hi + _dt.timedelta(seconds=1)
+        ):
+            if item.task_id in skip:
+                continue
+            if item.created_at is not None and not (lo <= item.created_at <= hi):
+                continue
+            found.append(item)
+        return found
+
+    async def wait(self, task_id: str, *, audio_seconds: float | None = None) -> Task:
+        """Wait until the task is finished, through the shared poller.
+
+        Returns the final snapshot whatever the outcome (check ``task.succeeded``). Takes no
+        timeout: wrap it in ``anyio.fail_after`` for one.
+        """
+        _check_task_id(task_id)
+        return await self.poller.wait(task_id, audio_seconds=audio_seconds)
+
+    # -- uploads -----------------------------------------------------------------------------
+
+    async def _policy(self, model: str) -> Mapping[str, Any]:
+        async with self._policy_lock:
+            cached = self._policies.get(model)
+            if cached is not None and cached.expires - time.monotonic() > 30:
+                return cached.data
+            resp = await self._core().request(
+                "GET",
+                "/uploads",
+                family="policy",
+                params={"action": "getPolicy", "model": model},
+            )
+            data = resp.body.get("data")
+            if not isinstance(data, Mapping) or not data.get("upload_host"):
+                raise APIError(
+                    "the upload policy answer has no data.upload_host",
+                    status=resp.status,
+                    request_id=resp.request_id,
+                )
+            ttl = _as_int(data.get("expire_in_seconds")) or 300
+            self._policies[model] = _Policy(data=data, expires=time.monotonic() + ttl)
+            return data
+
+    async def upload(self, path: str | os.PathLike[str], *, model: str = EMO_MODEL) -> str:
+        """Upload a local file to DashScope's temporary storage; returns its ``oss://`` URL.
+
+        One policy serves many uploads until it expires; the file is streamed, not read into
+        memory; the same content is uploaded once per client (and reused for 47 h of its 48 h
+        validity). Calls that carry an ``oss://`` URL send
+        ``X-DashScope-OssResourceResolve: enable`` by themselves.
+        """
+        p = Path(path)
+        digest = await anyio.to_thread.run_sync(_sha256_file, p)
+        return await self.upload_digest(p, digest, model=model)
+
+    async def upload_digest(self, path: Path, digest: str, *, model: str = EMO_MODEL) -> str:
+        """:meth:`upload` for a file whose SHA-256 the caller already knows."""
+        cache_key = (digest, model)
+        while True:
+            hit = self._uploads.get(cache_key)
+            if hit is not None and hit[1] - _dt.datetime.now(_dt.UTC) > _UPLOAD_REUSE_MARGIN:
+                return hit[0]
+            pending = self._inflight.get(("upload", cache_key))
+            if pending is None:
+                break
+            await pending.wait()
+        event = anyio.Event()
+        self._inflight[("upload", cache_key)] = event
+        try:
+            async with self._upload_slots:
+                url = await self._upload_once(path, digest, model)
+            self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + _UPLOAD_VALIDITY)
+            return url
+        finally:
+            del self._inflight[("upload", cache_key)]
+            event.set()
+
+    def remember_upload(self, digest: str, model: str, url: str, expires_at: _dt.datetime) -> None:
+        """Seed the upload cache (e.g. from a journal)."""
+        self._uploads[(digest, model)] = (url, expires_at)
+
+    def _form(
+        self, policy: Mapping[str, Any], path: Path, digest: str, mime: str
+    ) -> tuple[str, str, dict[str, str]]:
+        host = str(policy["upload_host"])
+        if origin_of(host) == self.api_origin:
+            # The upload session never carries the key, but an upload host equal to the API
+            # host means the policy is not what we think.
+            raise APIError("the upload policy names the API host", status=200)
+        # Content-addressed keys: the same bytes get the same object; forbid-overwrite is safe.
+        key = f"{str(policy.get('upload_dir', '')).rstrip('/')}/{digest[:32]}/{_safe_base(path)}"
+        fields = {
+            "OSSAccessKeyId": str(policy.get("oss_access_key_id", "")),
+            "Signature": str(policy.get("signature", "")),
+            "policy": str(policy.get("policy", "")),
+            "key": key,
+            "x-oss-object-acl": str(policy.get("x_oss_object_acl", "private")),
+            "x-oss-forbid-overwrite": str(policy.get("x_oss_forbid_overwrite", "true")),
+            "success_action_status": "200",
+            "x-oss-content-type": mime,
+        }
+        return host, key, fields
+
+    async def _upload_once(self, path: Path, digest: str, model: str) -> str:
+        size = (await anyio.Path(path).stat()).st_size
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        used = await self._policy(model)
+        host, key, fields = self._form(used, path, digest, mime)
+        session = self._ext_session
+        assert session is not None
+        attempt = 0
+        refreshed = False
+        while True:
+            writer = aiohttp.MultipartWriter("form-data")
+            for name, value in fields.items():
+                part = writer.append(value)
+                part.set_content_disposition("form-data", name=name)
+            file_part = writer.append_payload(_FilePayload(path, size, mime))
+            file_part.set_content_disposition("form-data", name="file", filename=path.name)
+            try:
+                async with session.post(host, data=writer, allow_redirects=False) as resp:
+                    text = (await resp.content.read(4096)).decode("utf-8", "replace")
+                    status = resp.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                error: Exception = TransportError(f"upload of {path.name} failed: {exc}")
+            else:
+                if status in (200, 201, 204):
+                    return f"oss://{key}"
+                if status == 409 and "FileAlreadyExists" in text:
+                    # Same content-addressed key: an earlier upload of these very bytes.
+                    return f"oss://{key}"
+                if status == 403 and not refreshed:
+                    # Most likely the policy expired earlier than our clock said (clock skew):
+                    # fetch a fresh one and try once more.
+                    refreshed = True
+                    cached = self._policies.get(model)
+                    if cached is not None and cached.data is used:
+                        self._policies.pop(model, None)  # once, not by every upload that saw it
+                    used = await self._policy(model)
+                    host, key, fields = self._form(used, path, digest, mime)
+                    continue
+                err = APIError(
+                    f"upload of {path.name} refused: HTTP {status}: {text[:200]}", status=status
+                )
+                if status < 500 and status != 429:
+                    raise err
+                error = err
+            attempt += 1
+            if attempt >= self.retry.attempts:
+                raise error
+            await anyio.sleep(self._core().backoff(attempt - 1))
+
+    # -- detection with a cache --------------------------------------------------------------
+
+    async def detect_cached(self, image_url: str, digest: str, ratio: str) -> Detection:
+        """:meth:`detect` once per (image content, ratio) for this client; concurrent callers
+        for the same portrait share one request."""
+        key = (digest, ratio)
+        while True:
+            hit = self._detections.get(key)
+            if hit is not None:
+                return hit
+            pending = self._inflight.get(("detect", key))
+            if pending is None:
+                break
+            await pending.wait()
+        event = anyio.Event()
+        self._inflight[("detect", key)] = event
+        try:
+            det = await self.detect(image_url, ratio=ratio)
+            self._detections[key] = det
+            return det
+        finally:
+            del self._inflight[("detect", key)]
+            event.set()
+
+    def remember_detection(self, digest: str, ratio: str, detection: Detection) -> None:
+        """Seed the detection cache (e.g. from a journal)."""
+        self._detections[(digest, ratio)] = detection
+
+    # -- downloads, one-call generation and batches -------------------------------------------
+
+    async def download(
+        self,
+        task_or_url: Task | str,
+        dest: str | os.PathLike[str],
+        *,
+        deadline: _dt.datetime | None = None,
+    ) -> DownloadResult:
+        """Stream a result video to ``dest`` (atomically: ``dest`` holds a complete, verified
+        file or nothing). Never sends the API key to the video host."""
+        if isinstance(task_or_url, Task):
+            if not task_or_url.video_url:
+                raise ValueError(f"task {task_or_url.task_id} has no video URL")
+            url = task_or_url.video_url
+            if deadline is None and task_or_url.end_time is not None:
+                deadline = task_or_url.end_time + _dt.timedelta(hours=24)
+        else:
+            url = task_or_url
+        return await self.downloader.download(url, Path(dest), deadline=deadline)
+
+    async def generate(
+        self,
+        image: str | os.PathLike[str],
+        audio: str | os.PathLike[str],
+        dest: str | os.PathLike[str],
+        *,
+        style_level: str = "normal",
+        ratio: str | None = None,
+        face_bbox: BBox | None = None,
+        ext_bbox: BBox | None = None,
+    ) -> Outcome:
+        """Validate, upload, detect, submit, wait and download one video.
+
+        Returns an :class:`Outcome` (check ``outcome.ok``); raises :class:`InputError` or
+        :class:`DetectionRejectedError` before anything is billed.
+        """
+        from ._batch import run_one
+        from ._models import Job
+
+        job = Job(
+            image,
+            audio,
+            style_level=style_level,
+            ratio=ratio,
+            face_bbox=face_bbox,
+            ext_bbox=ext_bbox,
+            name=Path(dest).stem,
+        )
+        return await run_one(self, job, Path(dest))
+
+    def run_batch(
+        self,
+        jobs: Iterable[Job] | AsyncIterator[Job],
+        out_dir: str | os.PathLike[str],
+        *,
+        journal: str | os.PathLike[str] | Journal | bool | None = True,
+        max_tasks: int = 10,
+        submit_rate: float | None = None,
+        download_concurrency: int | None = None,
+        prepare_concurrency: int = 4,
+        reconcile: str = "reconcile",
+        cancel_pending_on_exit: bool = False,
+        on_event: Any = None,
+    ) -> BatchRun:
+        """Run many jobs; an async context manager that yields outcomes as jobs finish.
+
+        ::
+
+            async with client.run_batch(jobs, "out/") as outcomes:
+                async for outcome in outcomes:
+                    print(outcome.job.display_name, outcome.state)
+
+        Args:
+            jobs: Jobs, from a list or a lazy (async) iterable; read as capacity frees up.
+            out_dir: Where videos go, as ``{name}.mp4``.
+            journal: ``True`` for ``<out_dir>/.emo-journal.sqlite3``, a path, an open
+                :class:`Journal`, or ``None``/``False`` for none (no resume).
+            max_tasks: Tasks open on the server at once (submitted, not finished).
+            submit_rate: Submits per second (default: the client's limit).
+            download_concurrency: Downloads at once (default: the client's limit).
+            prepare_concurrency: Jobs validated, uploaded and detected at once.
+            reconcile: What to do with a submit whose fate is unknown: ``"reconcile"``
+                (find it in the task list; adopt it, or resubmit only if provably absent),
+                ``"resubmit"`` (send again, may bill twice), or ``"fail"``.
+            cancel_pending_on_exit: On leaving early, cancel tasks still PENDING on the
+                server.
+            on_event: Called with a :class:`BatchEvent` on every stage change.
+        """
+        from ._batch import BatchRun
+
+        return BatchRun(
+            self,
+            jobs,
+            Path(out_dir),
+            journal=journal,
+            max_tasks=max_tasks,
+            submit_rate=submit_rate,
+            download_concurrency=download_concurrency,
+            prepare_concurrency=prepare_concurrency,
+            reconcile=reconcile,
+            cancel_pending_on_exit=cancel_pending_on_exit,
+            on_event=on_event,
+        )
+
+    async def run_batch_all(
+        self,
+        jobs: Iterable[Job] | AsyncIterator[Job],
+        out_dir: str | os.PathLike[str],
+        **kwargs: Any,
+    ) -> list[Outcome]:
+        """:meth:`run_batch`, collected into a list (in completion order)."""
+        async with self.run_batch(jobs, out_dir, **kwargs) as outcomes:
+            return [o async for o in outcomes]
+
+    async def wait_outcome(self, task: Task, *, audio_seconds: float | None = None) -> Task:
+        """Wait for a task and raise if it did not succeed."""
+        final = await self.wait(task.task_id, audio_seconds=audio_seconds)
+        if final.status == TaskStatus.CANCELED:
+            raise JobCancelledError(f"task {final.task_id} was cancelled")
+        if not final.succeeded:
+            raise JobFailedError(final)
+        return final
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open":
+            warnings.warn(
+                "Client was not closed: use `async with Client(...)`",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+
+class _FilePayload(aiohttp.payload.AsyncIterablePayload):
+    """A file streamed from disk through aiofiles, with its size known up front (so the form
+    has a Content-Length, as OSS expects)."""
+
+    def __init__(self, path: Path, size: int, content_type: str) -> None:
+        super().__init__(_iter_file(path), content_type=content_type)
+        self._size = size
+
+    @property
+    def size(self) -> int | None:
+        return self._size
+
+
+async def _iter_file(path: Path, chunk: int = 1 << 18) -> AsyncGenerator[bytes]:
+    async with aiofiles.open(path, "rb") as f:
+        while True:
+            data = await f.read(chunk)
+            if not data:
+                return
+            yield data
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe_base(path: Path) -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)[:80]
+    return name or f"file-{uuid.uuid4().hex[:8]}"
+
+
+def _check_task_id(task_id: str) -> None:
+    if not task_id or "/" in task_id or "?" in task_id or "#" in task_id or ".." in task_id:
+        raise ValueError(f"not a task id: {task_id!r}")
+
+
+def _server_stamp(when: _dt.datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.UTC)
+    return when.astimezone(SERVER_TZ).strftime("%Y%m%d%H%M%S")
+
+
+def _as_int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (TypeError, ValueError):
+        return None

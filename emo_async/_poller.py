@@ -1,0 +1,349 @@
+"""One shared status poller for every open task of a client.
+
+A per-task sleep loop spends the account's 20 task queries per second long before 500 tasks are
+open. The poller instead owns every open task and decides when each is next looked at:
+
+* Until a task could plausibly be finished, it is not queried at all. The poller learns the
+  shortest plausible duration online (from what it observed, scaled by audio duration) and
+  starts with "any time" so the first tasks are not noticed late.
+* Once tasks are due, one ``GET /tasks`` sweep (the task list, up to ``list_page_size`` tasks
+  per request) says which of them finished; only those get a ``GET /tasks/{id}`` (the list has
+  no result URLs). Without the list (``use_list=False``, or after the list missed a finished
+  task), due tasks are queried one by one.
+* Every due task is looked at once per ``target_delay``: that bounds the delay between a task
+  finishing and the client noticing, rate permitting. All queries go through the client's
+  task-query limiter, so the account limit holds whatever the number of tasks.
+* 429s and 5xx never stop it: the request path backs off, and a failed query is simply tried
+  again on the next round.
+
+Waiters (``Client.wait`` and the batch runner) park on an event per task.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import anyio
+import attrs
+from anyio.abc import TaskStatus as AnyioTaskStatus
+
+from ._config import PollPolicy
+from ._exceptions import EmoError
+from ._models import Task, TaskListItem, TaskStatus
+
+__all__ = ["DurationModel", "PollerStatistics", "StatusPoller"]
+
+logger = logging.getLogger("emo_async.poller")
+
+FetchTask = Callable[[str], Awaitable[Task]]
+#: Yields the newest tasks first, reading at most ``max_pages`` pages.
+ListTasks = Callable[[int], AsyncIterator[TaskListItem]]
+
+
+class DurationModel:
+    """Learns how soon after submission a task can be finished, from what it observed.
+
+    Durations are measured on our clock (submit → first seen finished), so they hold whatever
+    the server's clock or speed. The shape ``base + per_second * audio`` comes from the
+    policy's prior; the scale is learned as a low quantile of observed/shape ratios, which
+    stays early (cheap) rather than late (slow to notice).
+    """
+
+    def __init__(self, policy: PollPolicy, *, window: int = 256, quantile: float = 0.1) -> None:
+        self._base = policy.prior_base
+        self._per = policy.prior_per_audio_second
+        self._early = policy.early_factor
+        self._ratios: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []
+        self._q = quantile
+        self.observations = 0
+
+    def _shape(self, audio_seconds: float | None) -> float:
+        audio = audio_seconds if audio_seconds is not None else 10.0
+        return max(1e-6, self._base + self._per * max(0.0, audio))
+
+    def observe(self, audio_seconds: float | None, duration: float) -> None:
+        if duration <= 0 or not math.isfinite(duration):
+            return
+        ratio = duration / self._shape(audio_seconds)
+        if len(self._ratios) == self._ratios.maxlen:
+            old = self._ratios.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._ratios.append(ratio)
+        bisect.insort(self._sorted, ratio)
+        self.observations += 1
+
+    def earliest(self, audio_seconds: float | None) -> float:
+        """Seconds after submission before which the task is not worth a query."""
+        if not self._sorted:
+            return 0.0
+        idx = min(len(self._sorted) - 1, int(self._q * len(self._sorted)))
+        return self._early * self._sorted[idx] * self._shape(audio_seconds)
+
+    def typical(self, audio_seconds: float | None) -> float | None:
+        """The median duration seen for this audio length, once anything was observed."""
+        if not self._sorted:
+            return None
+        return self._sorted[len(self._sorted) // 2] * self._shape(audio_seconds)
+
+
+@attrs.frozen
+class PollerStatistics:
+    """A snapshot of the poller.
+
+    Attributes:
+        open_tasks: Tasks being watched.
+        task_queries: ``GET /tasks/{id}`` sent.
+        list_queries: ``GET /tasks`` pages sent.
+        finished: Tasks seen finished.
+        list_enabled: Whether sweeps are in use.
+        detection_delays: Recent (our clock) delays between "could have been seen" and seen.
+    """
+
+    open_tasks: int
+    task_queries: int
+    list_queries: int
+    finished: int
+    list_enabled: bool
+
+
+@attrs.define(eq=False)
+class _Entry:
+    task_id: str
+    audio_seconds: float | None
+    submitted: float  # our monotonic clock
+    submitted_wall: _dt.datetime
+    earliest: float
+    next_direct: float
+    last_direct: float = 0.0
+    waiters: int = 0
+    done: anyio.Event = attrs.field(factory=anyio.Event)
+    result: Task | None = None
+    error: BaseException | None = None
+    querying: bool = False
+    seen_finished_in_list: bool = False
+    list_absent: int = 0
+    last_nonterminal: float = 0.0
+
+
+class StatusPoller:
+    """Polls every open task of one client within the task-query budget (internal; one per
+    :class:`Client`, started in its task group)."""
+
+    def __init__(
+        self,
+        policy: PollPolicy,
+        fetch: FetchTask,
+        list_tasks: ListTasks,
+        *,
+        max_concurrent_queries: int = 16,
+    ) -> None:
+        self.policy = policy
+        self._fetch = fetch
+        self._list = list_tasks
+        self._entries: dict[str, _Entry] = {}
+        self._wakeup = anyio.Event()
+        self._query_slots = anyio.CapacityLimiter(max_concurrent_queries)
+        self.model = DurationModel(policy)
+        self._list_enabled = policy.use_list
+        self._blind: set[str] = set()
+        self._task_queries = 0
+        self._list_queries = 0
+        self._finished = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    def watch(
+        self,
+        task_id: str,
+        *,
+        audio_seconds: float | None = None,
+        submitted_at: float | None = None,
+    ) -> None:
+        """Start watching a task (idempotent)."""
+        if task_id in self._entries:
+            return
+        now = time.monotonic()
+        submitted = submitted_at if submitted_at is not None else now
+        earliest = submitted + self.model.earliest(audio_seconds)
+        self._entries[task_id] = _Entry(
+            task_id=task_id,
+            audio_seconds=audio_seconds,
+            submitted=submitted,
+            submitted_wall=_dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=now - submitted),
+            earliest=earliest,
+            next_direct=earliest,
+            last_nonterminal=submitted,
+        )
+        self._wakeup.set()
+
+    async def wait(self, task_id: str, *, audio_seconds: float | None = None) -> Task:
+        """Wait until the task is finished and return its final snapshot."""
+        self.watch(task_id, audio_seconds=audio_seconds)
+        entry = self._entries[task_id]
+        entry.waiters += 1
+        try:
+            await entry.done.wait()
+        finally:
+            entry.waiters -= 1
+            if entry.done.is_set() and entry.waiters == 0:
+                self._entries.pop(task_id, None)
+        if entry.error is not None:
+            raise entry.error
+        assert entry.result is not None
+        return entry.result
+
+    def forget(self, task_id: str) -> None:
+        """Stop watching a task nobody waits for any more."""
+        entry = self._entries.get(task_id)
+        if entry is not None and entry.waiters == 0:
+            self._entries.pop(task_id, None)
+
+    @property
+    def list_enabled(self) -> bool:
+        return self._list_enabled
+
+    def statistics(self) -> PollerStatistics:
+        return PollerStatistics(
+            open_tasks=sum(1 for e in self._entries.values() if not e.done.is_set()),
+            task_queries=self._task_queries,
+            list_queries=self._list_queries,
+            finished=self._finished,
+            list_enabled=self._list_enabled,
+        )
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: AnyioTaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """The poller's loop; runs until cancelled."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            task_status.started()
+            next_round = 0.0
+            while True:
+                open_entries = [e for e in self._entries.values() if not e.done.is_set()]
+                if not open_entries:
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                    continue
+                now = time.monotonic()
+                earliest_due = min(e.earliest for e in open_entries)
+                wake_at = max(next_round, earliest_due)
+                if wake_at > now:
+                    self._wakeup = anyio.Event()
+                    with anyio.move_on_after(wake_at - now):
+                        await self._wakeup.wait()
+                    continue
+                next_round = now + self.policy.target_delay
+                await self._round(tg, open_entries, now)
+
+    async def _round(self, tg: anyio.abc.TaskGroup, entries: list[_Entry], now: float) -> None:
+        due = [e for e in entries if e.earliest <= now and not e.querying]
+        if not due:
+            return
+        if self._list_enabled and len(due) >= 2:
+            listed = await self._sweep(entries)
+            if listed is not None:
+                for e in due:
+                    status = listed.get(e.task_id)
+                    e.list_absent = 0 if status is not None else e.list_absent + 1
+                    if e.list_absent >= 2 and e.task_id not in self._blind:
+                        self._blind.add(e.task_id)
+                        if len(self._blind) >= 3:
+                            self._list_enabled = False
+                            logger.warning(
+                                "the task list does not show our tasks; polling tasks one by one"
+                            )
+                    finished = status is not None and status.is_terminal
+                    if finished or e.list_absent >= 2 or now >= e.next_direct:
+                        e.seen_finished_in_list = finished
+                        self._spawn_query(tg, e)
+                return
+        for e in due:
+            self._spawn_query(tg, e)
+
+    async def _sweep(self, entries: list[_Entry]) -> dict[str, TaskStatus] | None:
+        """List the newest tasks until every open one was seen: their statuses by id.
+
+        No time filter: the list's time parameters are in the server's clock and zone, and a
+        skew must not blind the poller. Our open tasks are among the newest, so a page or two
+        covers them.
+        """
+        wanted = {e.task_id for e in entries}
+        max_pages = 1 + math.ceil(len(wanted) / self.policy.list_page_size)
+        listed: dict[str, TaskStatus] = {}
+        try:
+            async for item in self._list(max_pages):
+                if item.task_id in wanted:
+                    listed[item.task_id] = item.status
+                    if len(listed) == len(wanted):
+                        break
+        except EmoError as exc:
+            logger.info("task list sweep failed (%s); querying due tasks directly", exc)
+            return None
+        return listed
+
+    def note_list_page(self) -> None:
+        """Called by the list iterator for each page it fetched (statistics)."""
+        self._list_queries += 1
+
+    def _spawn_query(self, tg: anyio.abc.TaskGroup, entry: _Entry) -> None:
+        entry.querying = True
+        tg.start_soon(self._query, entry)
+
+    async def _query(self, entry: _Entry) -> None:
+        try:
+            async with self._query_slots:
+                self._task_queries += 1
+                task = await self._fetch(entry.task_id)
+        except EmoError as exc:
+            # Throttling, 5xx or a dropped connection after retries: try again next round.
+            logger.info("status query for %s failed: %s", entry.task_id, exc)
+            now = time.monotonic()
+            entry.next_direct = now + self.policy.target_delay
+            entry.earliest = max(entry.earliest, now + self.policy.target_delay / 2)
+            return
+        finally:
+            entry.querying = False
+        now = time.monotonic()
+        entry.last_direct = now
+        if task.status.is_terminal:
+            self._finish(entry, task, now)
+            return
+        if entry.seen_finished_in_list:
+            entry.seen_finished_in_list = False
+        entry.last_nonterminal = now
+        if task.status == TaskStatus.PENDING:
+            # Queued behind the account's concurrency cap: it has not started yet.
+            wait = max(self.policy.target_delay, self.model.earliest(entry.audio_seconds))
+            entry.earliest = now + wait
+        else:
+            entry.earliest = now + (self.policy.target_delay if self._list_enabled else 0.0)
+        entry.next_direct = now + (
+            self.policy.fallback_interval if self._list_enabled else self.policy.target_delay
+        )
+        if not self._list_enabled:
+            entry.earliest = max(entry.earliest, entry.next_direct)
+
+    def _finish(self, entry: _Entry, task: Task, now: float) -> None:
+        # The task finished somewhere between our last non-terminal look and now.
+        finished_at = (entry.last_nonterminal + now) / 2
+        self.model.observe(entry.audio_seconds, max(1e-3, finished_at - entry.submitted))
+        entry.result = task
+        self._finished += 1
+        # Without waiters the entry stays until someone calls wait() or forget().
+        entry.done.set()
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Wake every waiter with an error (the client is closing)."""
+        for entry in self._entries.values():
+            if not entry.done.is_set():
+                entry.error = exc
+                entry.done.set()
