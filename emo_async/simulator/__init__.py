@@ -53,7 +53,7 @@ compare it with ``time.time()``; with ``time_scale=1`` and no jump, ``end_time +
 
 from __future__ import annotations
 
-from ._app import create_app
+from ._app import SIM_KEY, SimState, create_app
 from ._clock import SimClock
 from ._config import ENDPOINTS, FaultConfig, SimulatorConfig
 from ._ledger import Ledger, RequestRecord, TaskRecord
@@ -62,10 +62,12 @@ from ._state import TaskSnapshot
 
 __all__ = [
     "ENDPOINTS",
+    "SIM_KEY",
     "FaultConfig",
     "Ledger",
     "RequestRecord",
     "SimClock",
+    "SimState",
     "Simulator",
     "SimulatorConfig",
     "TaskRecord",
