@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import anyio
+import attrs
 import pytest
 from _media_fixtures import (
     SUBMIT_PATH,
@@ -26,13 +27,15 @@ from emo_async.simulator import Simulator, SimulatorConfig
 pytestmark = pytest.mark.anyio
 
 #: Exactly 10 simulated seconds of processing per task, whatever the audio.
-FIXED = {"processing_base": 10.0, "processing_per_audio_second": 0.0, "processing_jitter": 0.0}
+FIXED = SimulatorConfig(
+    processing_base=10.0, processing_per_audio_second=0.0, processing_jitter=0.0
+)
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     # time_scale=1: real time barely moves during a test, so clock.advance() drives the story.
-    async with Simulator(SimulatorConfig(**FIXED)) as simulator:
+    async with Simulator(FIXED) as simulator:
         yield simulator
 
 
@@ -309,8 +312,8 @@ class TestContentErrors:
 
     async def test_content_rule_by_hash_for_jpeg(self, files: FileServer) -> None:
         data = portrait(fmt="JPEG")
-        config = SimulatorConfig(
-            **FIXED, content_rules={hashlib.sha256(data).hexdigest(): "InvalidFile.Value"}
+        config = attrs.evolve(
+            FIXED, content_rules={hashlib.sha256(data).hexdigest(): "InvalidFile.Value"}
         )
         async with Simulator(config) as sim, aiohttp.ClientSession() as session:
             api = Api(session, sim.base_url, sim.api_key)
@@ -408,7 +411,7 @@ class TestLifecycle:
 
     async def test_concurrency_cap_queues_fifo(self, files: FileServer) -> None:
         async with (
-            Simulator(SimulatorConfig(**FIXED, max_running=2)) as sim,
+            Simulator(attrs.evolve(FIXED, max_running=2)) as sim,
             aiohttp.ClientSession() as session,
         ):
             api = Api(session, sim.base_url, sim.api_key)
@@ -425,7 +428,7 @@ class TestLifecycle:
 
     async def test_cancel_pending_then_refuse_running(self, files: FileServer) -> None:
         async with (
-            Simulator(SimulatorConfig(**FIXED, max_running=1)) as sim,
+            Simulator(attrs.evolve(FIXED, max_running=1)) as sim,
             aiohttp.ClientSession() as session,
         ):
             api = Api(session, sim.base_url, sim.api_key)

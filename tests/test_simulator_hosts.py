@@ -23,12 +23,14 @@ from emo_async.simulator import (
 
 pytestmark = pytest.mark.anyio
 
-FIXED = {"processing_base": 10.0, "processing_per_audio_second": 0.0, "processing_jitter": 0.0}
+FIXED = SimulatorConfig(
+    processing_base=10.0, processing_per_audio_second=0.0, processing_jitter=0.0
+)
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(SimulatorConfig(**FIXED)) as simulator:
+    async with Simulator(FIXED) as simulator:
         yield simulator
 
 
@@ -405,7 +407,8 @@ class TestFactory:
     async def test_single_port_app(self, files: FileServer) -> None:
         from aiohttp.test_utils import TestServer
 
-        async with TestServer(create_app(SimulatorConfig(**FIXED)), host="127.0.0.1") as server:
+        app = create_app(FIXED)
+        async with TestServer(app, host="127.0.0.1") as server:
             base = str(server.make_url("/api/v1"))
             async with aiohttp.ClientSession() as client:
                 api = Api(client, base, "sk-simulator")
@@ -417,7 +420,7 @@ class TestFactory:
                 )
                 assert status == 200
                 task_id = out["output"]["task_id"]
-                server.app[SIM_KEY].clock.advance(10)
+                app[SIM_KEY].clock.advance(10)
                 url = (await api.task(task_id))["output"]["results"]["video_url"]
                 assert url.startswith(base.removesuffix("/api/v1") + "/results/")
                 async with client.get(url) as resp:

@@ -89,12 +89,12 @@ class _Ctx:
     bytes_sent: int | None = None
 
 
-_CTX_KEY: Final = "emo_sim_ctx"
+_CTX_KEY: Final = web.RequestKey("emo_sim_ctx", _Ctx)
 
 
 def _ctx(request: web.Request) -> _Ctx:
     ctx = request.get(_CTX_KEY)
-    if not isinstance(ctx, _Ctx):
+    if ctx is None:
         ctx = _Ctx()
         request[_CTX_KEY] = ctx
     return ctx
