@@ -490,3 +490,21 @@ class TestLifecycle:
         assert ids[0] not in [d["task_id"] for d in recent["data"]]
         status, _, _ = await api.call("GET", "/tasks", params={"start_time": "yesterday"})
         assert status == 400
+
+
+class TestWithoutValidation:
+    """``validate_inputs=False`` skips downloads (for throughput runs with fake URLs)."""
+
+    async def test_fake_urls_are_accepted_and_never_fetched(self) -> None:
+        config = attrs.evolve(FIXED, validate_inputs=False)
+        async with Simulator(config) as sim, aiohttp.ClientSession() as session:
+            api = Api(session, sim.base_url, sim.api_key)
+            body = job(
+                "http://example.com/a.png", "http://example.com/a.wav", ext=[0, 0, 3000, 4000]
+            )
+            status, out = await api.submit(body)
+            assert status == 200, out
+            snapshot = sim.tasks[out["output"]["task_id"]]
+            assert snapshot.audio_duration == 10.0
+            assert snapshot.ratio == "3:4"
+            assert snapshot.status == "PRE-PROCESSING"

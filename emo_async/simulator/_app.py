@@ -448,7 +448,7 @@ class SimState:
             raise ApiError.bad_parameter(Msg.BAD_STYLE)
         image = await self._image(request, inputs["image_url"])
         audio = await self._audio(request, inputs["audio_url"])
-        if (
+        if self.config.validate_inputs and (
             ext[2] > image.width
             or ext[3] > image.height
             or face[2] > image.width

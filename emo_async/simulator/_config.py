@@ -143,7 +143,9 @@ class SimulatorConfig:
         fetch_timeout: Real seconds allowed to download one input.
     """
 
-    api_keys: frozenset[str] = attrs.field(default=frozenset({"sk-simulator"}), converter=_api_keys)
+    api_keys: frozenset[str] = attrs.field(
+        default=frozenset({"sk-simulator"}), converter=_api_keys, repr=False
+    )
     time_scale: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
     task_qps: float | None = attrs.field(default=20.0, validator=_optional_rate)
     list_qps: float | None = attrs.field(default=10.0, validator=_optional_rate)
