@@ -453,6 +453,17 @@ class BatchRun:
                     )
                     return False
                 logger.warning("%s: journal says done but the file is missing", rec.name)
+                phase = await self._journal.record_file_missing(item.key)
+                if phase == JobPhase.FINISHED and rec.video_url:
+                    # The URL may still be valid: download again, nothing to pay.
+                    item.task_id = rec.task_id
+                    await self._download(
+                        item, rec.video_url, rec.url_deadline, rec.billed_seconds, out
+                    )
+                    return False
+                logger.warning(
+                    "%s: the video URL has expired; generating the video again", rec.name
+                )
             if rec.phase in (JobPhase.INTENT, JobPhase.SUBMITTED, JobPhase.FINISHED):
                 # Resumed from the journal at start (see _resume_journal).
                 return False

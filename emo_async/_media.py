@@ -639,10 +639,28 @@ def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
+#: (field, resolved path, size, mtime_ns) -> (info, digest): a portrait shared by 800 jobs is
+#: probed and hashed once, not 800 times. A changed file has a new size or mtime.
+_PROBE_CACHE: dict[tuple[str, str, int, int], tuple[ImageInfo | AudioInfo, str]] = {}
+_PROBE_CACHE_MAX = 4096
+
+
 def _prepare_local(field: str, path: Path) -> _Probed:
     try:
+        st = path.stat()
+        cache_key = (field, str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        cache_key = None
+    if cache_key is not None and cache_key in _PROBE_CACHE:
+        return _PROBE_CACHE[cache_key]
+    try:
         info: ImageInfo | AudioInfo = probe_image(path) if field == "image" else probe_audio(path)
-        return info, sha256_file(path)
+        result = (info, sha256_file(path))
+        if cache_key is not None:
+            if len(_PROBE_CACHE) >= _PROBE_CACHE_MAX:
+                _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
+            _PROBE_CACHE[cache_key] = result
+        return result
     except MediaProbeError as exc:
         return exc
     except OSError as exc:

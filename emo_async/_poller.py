@@ -193,7 +193,8 @@ class StatusPoller:
             await entry.done.wait()
         finally:
             entry.waiters -= 1
-            if entry.done.is_set() and entry.waiters == 0:
+            if entry.waiters == 0 and self._entries.get(task_id) is entry:
+                # Finished, or its last waiter was cancelled: either way nobody needs it polled.
                 self._entries.pop(task_id, None)
         if entry.error is not None:
             raise entry.error

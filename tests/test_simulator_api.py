@@ -397,7 +397,10 @@ class TestLifecycle:
         submit = _dt.datetime.strptime(out["submit_time"], fmt)
         end = _dt.datetime.strptime(out["end_time"], fmt)
         assert _dt.datetime.strptime(out["scheduled_time"], fmt) >= submit
-        assert (end - submit).total_seconds() == pytest.approx(10.0, abs=0.05)
+        # Answer times are on the real clock: 10 simulated seconds at this time_scale.
+        assert (end - submit).total_seconds() == pytest.approx(
+            10.0 * sim.config.time_scale, abs=0.05
+        )
 
     async def test_processing_time_grows_with_audio(self, files: FileServer) -> None:
         config = SimulatorConfig(processing_base=15, processing_per_audio_second=2.0, seed=3)

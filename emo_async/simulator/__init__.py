@@ -44,11 +44,9 @@ a centred box (30 % of the short side, centred at 42 % of the height). ``ext_bbo
 
 Time: ``SimulatorConfig.time_scale`` real seconds pass per simulated second for the task
 lifecycle and every validity window; ``sim.clock.advance(s)`` jumps simulated time. Answer
-times (``submit_time``, ``end_time``, ``gmt_create``) are on the simulated wall clock, which
-starts at the real wall time and runs at the simulated pace. The ``Expires`` of a video URL is
-the REAL unix time at which the URL expires (recomputed after a clock jump), so a client may
-compare it with ``time.time()``; with ``time_scale=1`` and no jump, ``end_time + 24 h`` and
-``Expires`` agree. Rate limits are in real requests per real second.
+times (``submit_time``, ``end_time``, ``gmt_create``), the ``Expires`` of video URLs and the
+upload policy's expiry are on the REAL clock, so a client may compare them with its own
+(durations between them are scaled). Rate limits are in real requests per real second.
 """
 
 from __future__ import annotations

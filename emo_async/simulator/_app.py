@@ -643,7 +643,9 @@ class SimState:
             raise ApiError.bad_parameter()
         model = request.query["model"]
         now_wall = self.clock.wall()
-        expiration = _dt.datetime.fromtimestamp(now_wall + self.config.policy_ttl, _dt.UTC)
+        expiration = _dt.datetime.fromtimestamp(
+            now_wall + self.clock.real_seconds(self.config.policy_ttl), _dt.UTC
+        )
         day = _dt.datetime.fromtimestamp(now_wall, SERVER_TZ).strftime("%Y-%m-%d")
         upload_dir = f"dashscope-instant/{self._account}/{day}/{uuid.uuid4()}"
         max_bytes = self.config.max_file_size_mb * 1024 * 1024
@@ -664,7 +666,7 @@ class SimState:
             "signature": _hmac_b64(self._upload_secret, policy),
             "upload_dir": upload_dir,
             "upload_host": self.origin("upload", request),
-            "expire_in_seconds": round(self.config.policy_ttl),
+            "expire_in_seconds": max(1, round(self.clock.real_seconds(self.config.policy_ttl))),
             "max_file_size_mb": self.config.max_file_size_mb,
             "capacity_limit_mb": self.config.capacity_limit_mb,
             "oss_access_key_id": self._upload_key_id,

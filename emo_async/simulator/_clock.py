@@ -15,8 +15,8 @@ class SimClock:
     """Simulated seconds since the simulator started.
 
     ``now() = (monotonic() - t0) / time_scale + offset``; :meth:`advance` adds to ``offset``.
-    The simulated wall clock (:meth:`wall`) starts at the real wall time of creation and then
-    runs at the simulated pace, so with ``time_scale=1`` and no jumps it is the real clock.
+    :meth:`wall` maps simulated instants to real unix time, so with no jumps it is the real
+    clock whatever the scale.
     """
 
     def __init__(self, time_scale: float) -> None:
@@ -45,8 +45,14 @@ class SimClock:
         self.generation += 1
 
     def wall(self, sim_t: float | None = None) -> float:
-        """Simulated unix time of a simulated instant (default: now)."""
-        return self._wall0 + (self.now() if sim_t is None else sim_t)
+        """Unix time, on the REAL clock, of a simulated instant (default: now).
+
+        Answer timestamps (``submit_time``, ``end_time``, ``gmt_create``) use this, so a client
+        can compare them with its own clock (the reconcile step of an ambiguous submit does):
+        durations between them are real (scaled) durations, and a jump moves them forward by
+        its real-time equivalent.
+        """
+        return self._wall0 + (self.now() if sim_t is None else sim_t) * self._scale
 
     def real_unix(self, sim_t: float) -> float:
         """Real unix time at which the simulated instant ``sim_t`` arrives (if no jump occurs)."""
