@@ -35,10 +35,11 @@ emo-detect-v1 answers such an image with ``check_pass: false`` and the documente
 emo-v1, if the image is submitted anyway, creates the task and fails it at the end of
 PRE-PROCESSING with that code and message.
 
-The "face" that emo-detect-v1 finds is the bounding box of the pixels that differ from the
-background (the median colour of the four corners); a figure taller than 1.25× its width
-keeps only its top as the head. A plain image, or a photo whose subject fills the frame, gets
-a centred box (30 % of the short side, centred at 42 % of the height). ``ext_bbox`` is exactly
+The "face" that emo-detect-v1 finds is the top of whatever differs from the background: each
+row's background is the mean of its two edge pixels, the subject is what differs from it, and
+the head is the subject's top rows, down to the shoulders (a sudden widening) or 1.25× its
+width. A plain image, or a photo whose subject fills the frame, gets a centred box (30 % of
+the short side, centred at 42 % of the height). ``ext_bbox`` is exactly
 1:1 or 3:4, inside the image and contains the face; when no such box exists the answer is
 ``check_pass: false`` with the InvalidFile.BodyProportion message.
 
