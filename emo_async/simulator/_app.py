@@ -28,6 +28,7 @@ from ._inputs import OSS_HEADER, InputResolver
 from ._ledger import Ledger, RequestRecord, TaskRecord
 from ._media import AudioInfo, ImageInfo, expand_box, video_bytes
 from ._state import SimTask, StoredObject, TaskStore, TokenBucket
+from ._video import RealVideos
 
 __all__ = ["SIM_KEY", "SimState", "create_app"]
 
@@ -46,6 +47,7 @@ _OSS_FIELDS: Final = (
     "x-oss-object-acl",
     "x-oss-forbid-overwrite",
 )
+_VIDEO_INPUT_LIMIT: Final = 64 * 1024 * 1024
 _MEDIA_PATH = re.compile(r"^/results/(?P<task_id>[^/]+)\.mp4$")
 _TASK_PATH = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)$")
 _CANCEL_PATH = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)/cancel$")
@@ -172,8 +174,6 @@ class SimState:
     """Everything one simulator instance knows; handlers are its methods."""
 
     def __init__(self, config: SimulatorConfig) -> None:
-        if config.real_video:
-            raise NotImplementedError("real_video is a hook for a later version; use False")
         self.config = config
         self.clock = SimClock(config.time_scale)
         self.ledger = Ledger()
@@ -195,6 +195,12 @@ class SimState:
         self._account = secret_rng.randbytes(6).hex()
         self.resolver = InputResolver(
             timeout=config.fetch_timeout, lookup_upload=self._upload_bytes
+        )
+        #: Real MP4 results (PyAV), when configured; else seeded placeholder bytes.
+        self.real_videos = (
+            RealVideos(lambda url: self.resolver._fetch(url, _VIDEO_INPUT_LIMIT))
+            if config.real_video
+            else None
         )
         #: Local port → role, filled by ``Simulator``; empty means "route by path".
         self.port_roles: dict[int, str] = {}
@@ -492,6 +498,16 @@ class SimState:
             failure=failure,
         )
         self.store.add(task)
+        if self.real_videos is not None:
+            await self.real_videos.remember(
+                task_id,
+                image_url=inputs["image_url"],
+                audio_url=inputs["audio_url"],
+                face_bbox=face,
+                ext_bbox=ext,
+                ratio=ratio,
+                audio_duration=audio.duration,
+            )
         self.ledger.record_task(
             TaskRecord(
                 task_id=task_id,
@@ -790,6 +806,8 @@ class SimState:
 
     def video(self, task: SimTask) -> bytes:
         """The current bytes of a task's video (cached for the few most recent)."""
+        if self.real_videos is not None:
+            return self.real_videos.get_sync(task)
         key = (task.task_id, task.media_generation)
         data = self._videos.get(key)
         if data is None:
@@ -844,7 +862,10 @@ class SimState:
         if self._roll(self.faults.etag_change_rate):
             task.media_generation += 1
             ctx.fault = "etag_change"
-        data = self.video(task)
+        if self.real_videos is not None:
+            data = await self.real_videos.get(task)  # encoded in a worker thread
+        else:
+            data = self.video(task)
         etag = self.etag(task)
         last_modified = _dt.datetime.fromtimestamp(self.clock.wall(ended), _dt.UTC).strftime(
             "%a, %d %b %Y %H:%M:%S GMT"
