@@ -20,6 +20,7 @@ import math
 import os
 import random
 import re
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
@@ -54,6 +55,9 @@ _SIDECAR_VERSION = 1
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.IGNORECASE)
 _ERROR_BODY_LIMIT = 16 * 1024
 _REHASH_BLOCK = 1 << 20
+_WRITEBACK_EVERY = 8 << 20
+_FADVISE = getattr(os, "posix_fadvise", None) if sys.platform.startswith("linux") else None
+_DONTNEED: int = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
 
 @attrs.frozen
@@ -167,7 +171,7 @@ def _cleanup_orphans_sync(root: Path, keep: list[Path]) -> list[Path]:
                 name = name[: -len(tail)]
                 break
         try:
-            same_dir = path.parent.resolve() == real_root if path.parent != Path() else True
+            same_dir = path.parent.resolve() == real_root
         except OSError:
             same_dir = False
         if same_dir:
@@ -489,7 +493,11 @@ class Downloader:
             timeout = None if deadline is None else (deadline - _now()).total_seconds()
             priority = math.inf if deadline is None else deadline.timestamp()
             if not await self._gate.acquire(priority, give_up_after=timeout):
-                _raise_if_expired(deadline, url, while_="while waiting for a download slot")
+                assert deadline is not None
+                raise ResultExpiredError(
+                    f"the video URL {redact_url(url)} expired at {deadline.isoformat()} "
+                    "while waiting for a download slot"
+                )
             try:
                 _raise_if_expired(deadline, url, while_="while waiting for a download slot")
                 if deadline is not None:
@@ -578,6 +586,7 @@ class _Transfer:
         self.total: int | None = None
         self.saved_meta: dict[str, Any] | None = None
         self.transferred = 0
+        self.unflushed = 0
         self.resumes = 0
         self.restarts = 0
 
@@ -815,8 +824,12 @@ class _Transfer:
         buf = bytearray()
         try:
             async for data in resp.content.iter_chunked(chunk_size):
+                if not buf and len(data) >= chunk_size // 2:
+                    # Already big enough for one write: skip a copy.
+                    await self._write(data)
+                    continue
                 buf += data
-                if len(buf) >= chunk_size:
+                if len(buf) >= chunk_size // 2:
                     await self._write(buf)
                     buf = bytearray()
         except _BROKEN_STREAM:
@@ -828,7 +841,7 @@ class _Transfer:
         if buf:
             await self._write(buf)
 
-    async def _write(self, data: bytearray) -> None:
+    async def _write(self, data: bytes | bytearray) -> None:
         assert self.file is not None
         try:
             await self.file.write(data)
@@ -837,6 +850,23 @@ class _Transfer:
         self.hasher.update(data)
         self.have += len(data)
         self.transferred += len(data)
+        self.unflushed += len(data)
+        if self.unflushed >= _WRITEBACK_EVERY:
+            self.unflushed = 0
+            await self._start_writeback()
+
+    async def _start_writeback(self) -> None:
+        # Start writing dirty pages to disk now (asynchronously, WB_SYNC_NONE) and drop the
+        # ones already written, so the final fsync waits for a tail instead of the whole file,
+        # and a long batch does not fill the page cache with videos. Linux only; best effort.
+        if _FADVISE is None:
+            return
+        assert self.file is not None
+        try:
+            await self.file.flush()
+            await anyio.to_thread.run_sync(_FADVISE, self.file.fileno(), 0, 0, _DONTNEED)
+        except OSError as exc:
+            raise _os_download_error("writing", self.part, exc) from exc
 
     # -- state changes -----------------------------------------------------------------------
 

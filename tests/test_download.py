@@ -16,6 +16,7 @@ import pytest
 from _media_server import MediaObject, MediaServer
 from aiohttp.test_utils import TestServer
 
+from emo_async import _download
 from emo_async._config import RetryPolicy, Timeouts
 from emo_async._download import (
     Downloader,
@@ -108,6 +109,15 @@ class TestHappyPath:
         assert result.bytes_transferred == SIZE
         assert (result.resumes, result.restarts) == (0, 0)
         assert listing(tmp_path / "out") == ["a.mp4"]
+
+    async def test_early_writeback_keeps_the_file_intact(
+        self, media: MediaServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(_download, "_WRITEBACK_EVERY", 2 * CHUNK)
+        obj = media.add("a.mp4", SIZE, cut_at=[333_333])
+        async with downloader() as dl:
+            result = await dl.download(media.url("a.mp4"), tmp_path / "a.mp4")
+        assert_clean(result, obj)
 
     async def test_no_authorization_header_is_ever_sent(
         self, media: MediaServer, tmp_path: Path
