@@ -137,6 +137,19 @@ class _Item:
     dest: Path | None = None
 
 
+class _Countdown:
+    """Calls ``action`` when ``tick`` was called ``n`` times."""
+
+    def __init__(self, n: int, action: Callable[[], object]) -> None:
+        self._n = n
+        self._action = action
+
+    def tick(self) -> None:
+        self._n -= 1
+        if self._n == 0:
+            self._action()
+
+
 class _Counters:
     def __init__(self) -> None:
         self.seen = 0
@@ -317,20 +330,37 @@ class BatchRun:
     # -- the pipeline --------------------------------------------------------------------------
 
     async def _main(self, out: MemoryObjectSendStream[Outcome]) -> None:
-        async with out, anyio.create_task_group() as tg:
-            prep_send, prep_recv = anyio.create_memory_object_stream[_Item](0)
-            sub_send, sub_recv = anyio.create_memory_object_stream[_Item](self._max_tasks)
+        prep_send, prep_recv = anyio.create_memory_object_stream[_Item](0)
+        sub_send, sub_recv = anyio.create_memory_object_stream[_Item](self._max_tasks)
+        # This task owns every stream and closes each on the way out, even when the tasks
+        # that use them were cancelled before they ran. The tasks close them too, to signal
+        # the end of their stage (closing twice is harmless).
+        async with out, prep_send, prep_recv, sub_send, sub_recv:
             resumable = await self._load_resumable()
-            tg.start_soon(self._resume_journal, resumable, tg, out)
-            tg.start_soon(self._feed, prep_send)
-            async with sub_send:
-                async with anyio.create_task_group() as prep_tg:
-                    for _ in range(self._prepare_n):
-                        prep_tg.start_soon(
-                            self._prepare_worker, prep_recv.clone(), sub_send.clone(), out
-                        )
-                    prep_recv.close()
-                    tg.start_soon(self._submit_worker, sub_recv, tg, out)
+            await self._cleanup_parts(resumable)
+            preparers = _Countdown(self._prepare_n, sub_send.close)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._resume_journal, resumable, tg, out)
+                tg.start_soon(self._feed, prep_send)
+                for _ in range(self._prepare_n):
+                    tg.start_soon(self._prepare_worker, prep_recv, sub_send, out, preparers)
+                tg.start_soon(self._submit_worker, sub_recv, tg, out)
+
+    async def _cleanup_parts(self, resumable: list[JobRecord]) -> None:
+        """Remove ``.part`` files no resumable job will continue."""
+        from ._download import cleanup_orphans
+
+        keep = []
+        for rec in resumable:
+            item = _Item(rec.job, key=rec.key)
+            keep.append(self._dest_for(item))
+        try:
+            removed = await cleanup_orphans(self.out_dir, keep)
+        except OSError as exc:
+            logger.warning("could not clean partial downloads in %s: %s", self.out_dir, exc)
+            return
+        for path in removed:
+            logger.info("removed an orphaned partial download: %s", path.name)
 
     async def _feed(self, send: MemoryObjectSendStream[_Item]) -> None:
         async with send:
@@ -392,8 +422,9 @@ class BatchRun:
         recv: MemoryObjectReceiveStream[_Item],
         send: MemoryObjectSendStream[_Item],
         out: MemoryObjectSendStream[Outcome],
+        done: _Countdown,
     ) -> None:
-        async with recv, send:
+        try:
             async for item in recv:
                 self._c.preparing += 1
                 try:
@@ -403,6 +434,8 @@ class BatchRun:
                 if ready:
                     self._c.submitting += 1
                     await send.send(item)
+        finally:
+            done.tick()  # the last preparer to finish ends the submit stage's input
 
     async def _prepare(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> bool:
         """Validate, look up the journal, upload, detect. False when the job is settled."""
@@ -654,7 +687,6 @@ class BatchRun:
             if not released:
                 released = True
                 self._c.running -= 1
-                self._open_tasks.discard(item.task_id or "")
                 self._task_slots.release_on_behalf_of(item)
 
         try:
@@ -665,6 +697,7 @@ class BatchRun:
                 await self._emit(out, item, OutcomeState.FAILED, exc=exc, journal_phase=False)
                 return
             release()
+            self._open_tasks.discard(item.task_id)
             self._event("finished", item, task.status.value)
             await self._finish(item, task, out)
         finally:
@@ -704,6 +737,14 @@ class BatchRun:
                     await stack.enter_async_context(self._download_slots)
                 result = await self._client.downloader.download(url, item.dest, deadline=deadline)
         except ResultExpiredError as exc:
+            # Paid for and lost: say so in the log too, not only in an outcome nobody reads.
+            logger.error(
+                "%s: task %s was paid for but its video URL expired before it was saved (%s);"
+                " it is not resubmitted in this run",
+                item.job.display_name,
+                item.task_id,
+                exc,
+            )
             await self._emit(out, item, OutcomeState.EXPIRED, exc=exc, billed=billed)
             return
         except (DownloadError, EmoError) as exc:

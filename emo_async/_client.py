@@ -42,6 +42,7 @@ from ._exceptions import (
     JobFailedError,
     TransportError,
 )
+from ._download import url_deadline
 from ._http import HttpCore, make_trace_config, origin_of
 from ._models import (
     SERVER_TZ,
@@ -666,7 +667,8 @@ class Client(AsyncContextManagerMixin):
             if not task_or_url.video_url:
                 raise ValueError(f"task {task_or_url.task_id} has no video URL")
             url = task_or_url.video_url
-            if deadline is None and task_or_url.end_time is not None:
+            if deadline is None and url_deadline(url) is None and task_or_url.end_time:
+                # No Expires in the URL: DashScope keeps results 24 h after the task ends.
                 deadline = task_or_url.end_time + _dt.timedelta(hours=24)
         else:
             url = task_or_url
@@ -784,26 +786,40 @@ class Client(AsyncContextManagerMixin):
             )
 
 
-class _FilePayload(aiohttp.payload.AsyncIterablePayload):
-    """A file streamed from disk through aiofiles, with its size known up front (so the form
-    has a Content-Length, as OSS expects)."""
+class _FilePayload(aiohttp.payload.Payload):
+    """A file streamed from disk through aiofiles, its size known up front (so the form has a
+    Content-Length, as OSS expects). The file is open only while it is being written."""
+
+    _CHUNK = 1 << 18
 
     def __init__(self, path: Path, size: int, content_type: str) -> None:
-        super().__init__(_iter_file(path), content_type=content_type)
+        super().__init__(path, content_type=content_type)
+        self._path = path
         self._size = size
 
     @property
     def size(self) -> int | None:
         return self._size
 
+    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
+        await self.write_with_length(writer, None)
 
-async def _iter_file(path: Path, chunk: int = 1 << 18) -> AsyncGenerator[bytes]:
-    async with aiofiles.open(path, "rb") as f:
-        while True:
-            data = await f.read(chunk)
-            if not data:
-                return
-            yield data
+    async def write_with_length(
+        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        remaining = content_length
+        async with aiofiles.open(self._path, "rb") as f:
+            while remaining is None or remaining > 0:
+                want = self._CHUNK if remaining is None else min(self._CHUNK, remaining)
+                data = await f.read(want)
+                if not data:
+                    return
+                await writer.write(data)
+                if remaining is not None:
+                    remaining -= len(data)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a file upload is not text")
 
 
 def _sha256_file(path: Path) -> str:
