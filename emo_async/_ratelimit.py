@@ -44,6 +44,7 @@ class AdaptiveRateLimiter:
     #: After a cut, further 429s within this many seconds do not cut again (they were already
     #: in flight when the first one arrived).
     _CUT_HOLDOFF = 1.0
+    _SLACK = 1.05
 
     def __init__(
         self,
@@ -86,9 +87,9 @@ class AdaptiveRateLimiter:
                     if wait <= 0:
                         break
                     await anyio.sleep(wait)
-                # 2 % slack: arrival jitter at the server must not squeeze rate+1 requests
-                # into one second.
-                self._next = max(self._next, now) + 1.02 / self._rate
+                # 5 % slack: jitter between our send and the server's arrival (a busy loop,
+                # the network) must not squeeze rate+1 requests into one second there.
+                self._next = max(self._next, now) + self._SLACK / self._rate
                 self._acquired += 1
         finally:
             self._waiting -= 1
