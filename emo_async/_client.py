@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import ipaddress
 import logging
 import mimetypes
@@ -35,6 +34,7 @@ from ._config import (
     RetryPolicy,
     Timeouts,
 )
+from ._download import url_deadline
 from ._exceptions import (
     APIError,
     ClientClosedError,
@@ -42,7 +42,6 @@ from ._exceptions import (
     JobFailedError,
     TransportError,
 )
-from ._download import url_deadline
 from ._http import HttpCore, make_trace_config, origin_of
 from ._models import (
     SERVER_TZ,
@@ -523,8 +522,10 @@ class Client(AsyncContextManagerMixin):
         validity). Calls that carry an ``oss://`` URL send
         ``X-DashScope-OssResourceResolve: enable`` by themselves.
         """
+        from ._media import sha256_file
+
         p = Path(path)
-        digest = await anyio.to_thread.run_sync(_sha256_file, p)
+        digest = await anyio.to_thread.run_sync(sha256_file, p)
         return await self.upload_digest(p, digest, model=model)
 
     async def upload_digest(self, path: Path, digest: str, *, model: str = EMO_MODEL) -> str:
@@ -820,14 +821,6 @@ class _FilePayload(aiohttp.payload.Payload):
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file upload is not text")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _safe_base(path: Path) -> str:

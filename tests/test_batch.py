@@ -101,8 +101,8 @@ class TestBatch:
     @pytest.mark.slow
     async def test_thousand_jobs(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 1000, portraits=4, seconds=(1.0, 3.0))
-        async with Simulator(sim_config(time_scale=0.001)) as sim:
-            async with client_for(sim, limits=Limits(task_qps=15, submit_qps=200)) as client:
+        async with Simulator(sim_config(time_scale=0.001, task_qps=60.0)) as sim:
+            async with client_for(sim, limits=Limits(task_qps=40, submit_qps=200)) as client:
                 outcomes = await client.run_batch_all(
                     jobs, tmp_path / "out", max_tasks=40, prepare_concurrency=8
                 )
@@ -114,11 +114,13 @@ class TestBatch:
             ]
             task_requests.sort()
             worst = max(
-                sum(1 for t in task_requests[i : i + 40] if t < start + 1.0)
+                sum(1 for t in task_requests[i : i + 60] if t < start + 1.0)
                 for i, start in enumerate(task_requests)
             )
-            assert worst <= 15
+            assert worst <= 40
             assert sim.ledger.duplicate_tasks() == {}
+            queries = sim.ledger.count("task_get") + sim.ledger.count("task_list")
+            assert queries <= 1.5 * len(jobs), queries
 
     async def test_shared_portrait_is_detected_and_uploaded_once(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 200, portraits=1, seconds=(0.5, 1.0))
