@@ -1,0 +1,96 @@
+"""Client calls against the simulator: the rate limit seen by the server with many callers, and
+a large upload that keeps the client's memory flat (simulator in its own process)."""
+
+from __future__ import annotations
+
+import sys
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from emo_async import Client, Limits, RetryPolicy
+from emo_async.simulator import Simulator, SimulatorConfig
+
+pytestmark = pytest.mark.anyio
+
+
+class TestRateAtTheServer:
+    """The configured query rate holds at the simulator with 200 concurrent callers."""
+
+    async def test_200_concurrent_callers(self) -> None:
+        qps = 40.0
+        async with Simulator(SimulatorConfig(task_qps=qps * 2)) as sim:
+            client = Client(sim.api_key, base_url=sim.base_url, limits=Limits(task_qps=qps))
+            async with client, anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(client.get_task, f"task-{i}")
+            assert sim.ledger.count("task_get") == 200
+            assert sim.ledger.max_in_window("task_get", 1.0) <= qps
+            assert sim.ledger.throttled() == 0
+
+    async def test_server_throttling_is_ridden_out(self) -> None:
+        # The client is configured above the account limit; 429s slow it down, nobody fails.
+        async with Simulator(SimulatorConfig(task_qps=20)) as sim:
+            client = Client(
+                sim.api_key,
+                base_url=sim.base_url,
+                limits=Limits(task_qps=100),
+                retry=RetryPolicy(attempts=20, wait_initial=0.05, wait_max=1.0, budget_tokens=None),
+            )
+            async with client:
+                async with anyio.create_task_group() as tg:
+                    for i in range(80):
+                        tg.start_soon(client.get_task, f"task-{i}")
+                stats = client.statistics()
+            assert sim.ledger.count("task_get", status=200) == 80
+            assert stats.throttled > 0
+            assert stats.limiters["task"].rate < 100
+
+
+@pytest.fixture
+async def sim_process() -> AsyncIterator[tuple[str, str]]:
+    """The simulator in its own process: (base_url, api_key)."""
+    command = [sys.executable, "-m", "emo_async.simulator", "--port", "0", "--api-key", "sk-m"]
+    async with await anyio.open_process(command) as process:
+        assert process.stdout is not None
+        line = b""
+        with anyio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await process.stdout.receive(1)
+        fields = dict(part.split("=", 1) for part in line.decode().split()[1:])
+        try:
+            yield fields["base_url"], fields["api_key"]
+        finally:
+            process.terminate()
+            with anyio.fail_after(30):
+                await process.wait()
+
+
+class TestUploadMemory:
+    """Uploads stream from disk: a 14 MB file does not sit in the client's memory."""
+
+    async def test_14mb_upload_keeps_memory_flat(
+        self, tmp_path: Path, sim_process: tuple[str, str]
+    ) -> None:
+        base_url, key = sim_process
+        big = tmp_path / "long.wav"
+        with big.open("wb") as f:
+            f.write(b"RIFF" + (14 * 1024 * 1024).to_bytes(4, "little") + b"WAVE")
+            chunk = bytes(range(256)) * 4096
+            for _ in range(14):
+                f.write(chunk)
+        async with Client(key, base_url=base_url) as client:
+            warm = tmp_path / "warm.wav"
+            warm.write_bytes(b"RIFF\x04\x00\x00\x00WAVE")
+            await client.upload(warm)  # policy and connection set up outside the measurement
+            tracemalloc.start()
+            try:
+                url = await client.upload(big)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        assert url.startswith("oss://")
+        assert peak < 4 * 1024 * 1024, peak
