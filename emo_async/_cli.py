@@ -38,6 +38,7 @@ from ._exceptions import (
 )
 from ._manifest import Manifest, ManifestError, ManifestRow, open_manifest
 from ._models import ErrorInfo, Job, Outcome, OutcomeState
+from ._util import single_error
 
 if TYPE_CHECKING:
     from ._batch import BatchEvent
@@ -583,6 +584,8 @@ class _Sink:
         self.report = report
         self.states: dict[str, int] = {s.value: 0 for s in OutcomeState}
         self.skipped = 0
+        #: Files of jobs done in an earlier run (their seconds were billed then).
+        self.skipped_paths: set[str] = set()
         self.billed = 0.0
         self.failures: list[tuple[int | None, str, str]] = []
         self.failure_count = 0
@@ -634,20 +637,20 @@ class _Sink:
             }
         )
 
-    async def outcome(self, outcome: Outcome, *, skipped: bool = False) -> None:
+    async def outcome(self, outcome: Outcome) -> None:
         from ._progress import printable
 
         row = self._row_of(outcome.job)
         state = outcome.state.value
         self.states[state] += 1
-        if outcome.billed_seconds and not skipped:
+        earlier = outcome.path is not None and str(outcome.path) in self.skipped_paths
+        self.skipped_paths.discard(str(outcome.path))
+        if outcome.billed_seconds and not earlier:
             self.billed += outcome.billed_seconds
         name = printable(outcome.job.display_name)
         where = f"row {row} ({name})" if row is not None else name
-        if outcome.ok:
-            if not self.out.quiet and self.progress.mode != "live":
-                pass  # plain progress lines carry the counts; one line per success is noise
-        else:
+        # Successes are counted, not listed: one line per video is noise in a 10,000-row batch.
+        if not outcome.ok:
             problems = _problems_of(outcome)
             if problems:
                 text = "; ".join(str(p) for p in problems)
@@ -712,23 +715,32 @@ async def _execute(
     def on_event(event: BatchEvent) -> None:
         if event.kind == "skipped":
             sink.skipped += 1
+            if event.detail:
+                sink.skipped_paths.add(event.detail)
 
-    async with anyio.create_task_group() as outer:
-        outer.start_soon(_watch_signals, outer.cancel_scope, interrupted)
-        run = client.run_batch(jobs, out_dir, on_event=on_event, **batch_kwargs)
-        try:
-            async with run as outcomes:
-                progress.attach(run.stats)
-                async with anyio.create_task_group() as tg:
-                    await tg.start(progress.run)
-                    async for outcome in outcomes:
-                        await sink.outcome(outcome)
-                        if sink.auth_error is not None:
-                            break
-                    tg.cancel_scope.cancel()
-        finally:
-            progress.close()
-        outer.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(_watch_signals, outer.cancel_scope, interrupted)
+            run = client.run_batch(jobs, out_dir, on_event=on_event, **batch_kwargs)
+            try:
+                async with run as outcomes:
+                    progress.attach(run.stats)
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(progress.run)
+                        async for outcome in outcomes:
+                            await sink.outcome(outcome)
+                            if sink.auth_error is not None:
+                                break
+                        tg.cancel_scope.cancel()
+            finally:
+                progress.close()
+            outer.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A journal that is locked, a manifest that vanished...: the error, not a group of one.
+        single = single_error(group)
+        if single is None:
+            raise
+        raise single from None
     return interrupted[0]
 
 

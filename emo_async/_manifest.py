@@ -90,7 +90,7 @@ def _check_not_utf16(head: bytes, path: Path) -> None:
         raise ManifestError(
             f"{path} is UTF-16 (a spreadsheet's 'Unicode text'); save it as 'CSV UTF-8' instead"
         )
-    if b"\x00" in head[:256]:
+    if b"\x00" in head.split(b"\n", 1)[0]:
         raise ManifestError(f"{path} is binary, not a CSV or JSONL text file")
 
 
