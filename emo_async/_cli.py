@@ -799,6 +799,8 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     limits = attrs.evolve(
         DEFAULT_LIMITS,
         task_qps=args.task_qps,
+        # The client's own limits must not cap what the user asked of the batch.
+        submit_qps=args.submit_rate or DEFAULT_LIMITS.submit_qps,
         max_downloads=max(DEFAULT_LIMITS.max_downloads, args.download_concurrency or 0),
     )
     poll = attrs.evolve(DEFAULT_POLL_POLICY, target_delay=args.poll_delay)

@@ -179,7 +179,7 @@ class TestRun:
     async def test_resumed_run_submits_nothing_new(
         self, sim: Simulator, good_manifest: Path, tmp_path: Path
     ) -> None:
-        args = ("run", good_manifest, "--out", tmp_path / "o", *connection(sim))
+        args: list[str | Path] = ["run", good_manifest, "--out", tmp_path / "o", *connection(sim)]
         first = await cli(*args)
         assert first.returncode == 0, text(first)
         submits = sim.ledger.count("submit")
@@ -263,7 +263,7 @@ class TestInterruptAndCancel:
             api_keys={KEY}, time_scale=0.05, max_running=1, processing_base=60, policy_ttl=1e6
         )
         async with Simulator(config) as sim:
-            args = ["run", manifest, "--out", out, *connection(sim)]
+            args: list[str | Path] = ["run", manifest, "--out", out, *connection(sim)]
             command = [sys.executable, "-m", "emo_async", *map(str, args)]
             async with await anyio.open_process(command, env=_env()) as process:
                 await _wait_for(lambda: len(sim.ledger.tasks_created) >= 3)

@@ -41,7 +41,7 @@ def _probe(data: bytes) -> dict[str, Any]:
 @pytest.fixture
 def inputs(tmp_path: Path) -> tuple[Path, Path]:
     image = make_portrait(tmp_path / "face.png", seed=7)
-    voice = make_voice_wav(tmp_path / "voice.wav", 3.0, seed=2)
+    voice = make_voice_wav(tmp_path / "voice.wav", 2.0, seed=2)
     return image, voice
 
 
@@ -65,15 +65,15 @@ class TestRenderMp4:
         assert probe["pix_fmt"] == "yuv420p"
         assert probe["codec"] in ("h264", "mpeg4")
         assert probe["audio"] == ["aac"]
-        assert probe["duration"] == pytest.approx(3.0, abs=0.2)
-        assert probe["frames"] == pytest.approx(3.0 * probe["fps"], abs=2)
+        assert probe["duration"] == pytest.approx(2.0, abs=0.2)
+        assert probe["frames"] == pytest.approx(2.0 * probe["fps"], abs=2)
 
     def test_same_inputs_same_bytes_other_generation_other_bytes(
         self, inputs: tuple[Path, Path]
     ) -> None:
         image, voice = inputs
         clip = VideoInputs(
-            image.read_bytes(), voice.read_bytes(), (140, 80, 372, 370), (0, 0, 512, 512), "1:1", 3
+            image.read_bytes(), voice.read_bytes(), (140, 80, 372, 370), (0, 0, 512, 512), "1:1", 2
         )
         assert render_mp4(clip) == render_mp4(clip)
         assert render_mp4(clip, generation=1) != render_mp4(clip)
@@ -108,7 +108,7 @@ class TestSimulatorRealVideo:
         probe = _probe(data)
         assert (probe["width"], probe["height"]) == (512, 704)
         assert probe["audio"] == ["aac"]
-        assert probe["duration"] == pytest.approx(3.0, abs=0.2)
+        assert probe["duration"] == pytest.approx(2.0, abs=0.2)
 
     async def test_broken_streams_resume_to_the_same_bytes(
         self, inputs: tuple[Path, Path], tmp_path: Path
