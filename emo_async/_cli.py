@@ -1073,11 +1073,12 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     waves = math.ceil(args.jobs / _DEMO_MAX_RUNNING)
     # About six seconds per wave of tasks: quick, yet slow enough to watch.
     time_scale = args.time_scale or 6.0 / _DEMO_TASK_SECONDS / waves
-    out.say(
+    say = (lambda _text: None) if out.quiet else out.say
+    say(
         f"emo-async demo: {args.jobs} video{'s' if args.jobs != 1 else ''}"
         " on the built-in simulator"
     )
-    out.say(f"  drawing {len(_DEMO_PEOPLE)} portraits and {args.jobs} voice clips in {inputs}")
+    say(f"  drawing {len(_DEMO_PEOPLE)} portraits and {args.jobs} voice clips in {inputs}")
     jobs = await anyio.to_thread.run_sync(_demo_inputs, inputs, args.jobs)
     if not real:
         out.say(
@@ -1096,7 +1097,7 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     started = anyio.current_time()
     poll = PollPolicy(target_delay=0.5)
     async with Simulator(config) as sim:
-        out.say(f"  simulator at {sim.base_url} (no API key needed: it uses its own)")
+        say(f"  simulator at {sim.base_url} (no API key needed: it uses its own)")
         async with Client(sim.api_key, base_url=sim.base_url, poll=poll) as client:
             interrupted = await _execute(
                 client,
@@ -1104,7 +1105,7 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
                 videos,
                 sink=sink,
                 progress=progress,
-                # A fresh journal each time: an earlier demo's tasks lived in another simulator.
+                # No journal: an earlier demo's tasks lived in another, long gone simulator.
                 batch_kwargs={"journal": False, "max_tasks": _DEMO_MAX_RUNNING},
             )
     elapsed = anyio.current_time() - started
@@ -1112,7 +1113,9 @@ async def _cmd_demo(args: argparse.Namespace) -> int:
     if interrupted:
         out.say("interrupted")
         return EXIT_INTERRUPTED
-    made = sorted(p.name for p in videos.glob("*.mp4"))
+    made = [
+        f"{job.name}.mp4" for job in jobs if await anyio.Path(videos / f"{job.name}.mp4").is_file()
+    ]
     if made:
         kind = "playable MP4s with sound" if real else "placeholder files (not playable)"
         out.say(f"your videos ({kind}) are in {videos}/:")

@@ -254,6 +254,7 @@ class TestInterruptAndCancel:
     """Ctrl-C stops a batch cleanly (exit 130); ``cancel`` cancels its PENDING tasks and the same
     command finishes the rest without paying twice."""
 
+    @pytest.mark.slow
     async def test_interrupt_cancel_and_resume(self, media: Path, tmp_path: Path) -> None:
         rows = [[f"portrait-0{1 + i % 2}.png", f"clip-000{i + 1}.wav", f"v{i}"] for i in range(4)]
         manifest = write_manifest(media, rows)
@@ -365,6 +366,7 @@ class TestOtherCommands:
 class TestDemo:
     """The README's demo command makes playable videos on a fresh machine (no API key)."""
 
+    @pytest.mark.slow
     async def test_demo_makes_playable_mp4s(self, tmp_path: Path) -> None:
         av: Any = pytest.importorskip("av")
         env = _env()
