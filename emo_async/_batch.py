@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack
@@ -36,7 +37,9 @@ from ._exceptions import (
     InputError,
     JobFailedError,
     Problem,
+    RateLimitError,
     ResultExpiredError,
+    TransportError,
 )
 from ._models import ErrorInfo, Job, Outcome, OutcomeState, Task, TaskStatus
 from ._ratelimit import AdaptiveRateLimiter
@@ -58,6 +61,11 @@ _MAX_SUBMITS = 4
 #: Pauses between task-list checks when reconciling, in seconds (lets an eventually
 #: consistent list catch up before we conclude that nothing was created).
 _RECONCILE_PAUSES = (0.0, 0.5, 1.5)
+#: Batch-level tries of a step that failed transiently without creating anything (a 429, a 503,
+#: a 5xx or no answer to an unbilled request). The request path's own retries are capped by a
+#: client-wide retry budget that a long batch under load spends quickly; without these, one
+#: throttled submit or detection would fail its job although nothing happened on the server.
+_TRANSIENT_TRIES = 5
 _DEFAULT_URL_LIFETIME = _dt.timedelta(hours=24)
 
 
@@ -470,8 +478,8 @@ class BatchRun:
             if rec.phase == JobPhase.DONE:
                 if rec.path and await _file_ok(Path(rec.path), rec.size):
                     self._c.skipped += 1
-                    self._event("skipped", item, rec.path)
                     item.task_id = rec.task_id
+                    self._event("skipped", item, rec.path)
                     self._c.states[OutcomeState.DONE] += 1
                     await out.send(
                         Outcome(
@@ -500,15 +508,20 @@ class BatchRun:
             if rec.phase in (JobPhase.INTENT, JobPhase.SUBMITTED, JobPhase.FINISHED):
                 # Resumed from the journal at start (see _resume_journal).
                 return False
-        try:
-            await self._stage_inputs(item)
-        except (InputError, DetectionRejectedError) as exc:
-            await self._emit(out, item, OutcomeState.REJECTED, exc=exc)
-            return False
-        except EmoError as exc:
-            await self._emit(out, item, OutcomeState.FAILED, exc=exc)
-            return False
-        return True
+        for attempt in range(_TRANSIENT_TRIES):
+            try:
+                await self._stage_inputs(item)
+            except (InputError, DetectionRejectedError) as exc:
+                await self._emit(out, item, OutcomeState.REJECTED, exc=exc)
+                return False
+            except EmoError as exc:
+                if self._transient(exc) and attempt + 1 < _TRANSIENT_TRIES:
+                    await self._pause_after(item, exc, attempt)
+                    continue
+                await self._emit(out, item, OutcomeState.FAILED, exc=exc)
+                return False
+            return True
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _stage_inputs(self, item: _Item) -> None:
         """Turn local inputs into oss:// URLs and find the boxes (both cached)."""
@@ -583,7 +596,7 @@ class BatchRun:
         assert item.face_bbox
         assert item.ext_bbox
         async with self._submit_lock:
-            for _ in range(_MAX_SUBMITS):
+            for attempt in range(_MAX_SUBMITS):
                 if self._submit_limiter is not None:
                     await self._submit_limiter.acquire()
                 sent_at = _dt.datetime.now(_dt.UTC)
@@ -610,6 +623,11 @@ class BatchRun:
                 except APIError as exc:
                     if self._journal is not None:
                         await self._journal.clear_intent(item.key)
+                    if self._transient(exc) and attempt + 1 < _MAX_SUBMITS:
+                        # A 429 or 503 creates nothing (a 500 is raised as ambiguous): wait
+                        # and send again rather than fail a job nothing happened to.
+                        await self._pause_after(item, exc, attempt)
+                        continue
                     state = (
                         OutcomeState.REJECTED
                         if exc.status in (400, 413, 415) and not exc.retryable
@@ -621,6 +639,9 @@ class BatchRun:
                     # Transport failure before the request went out: nothing was created.
                     if self._journal is not None:
                         await self._journal.clear_intent(item.key)
+                    if self._transient(exc) and attempt + 1 < _MAX_SUBMITS:
+                        await self._pause_after(item, exc, attempt)
+                        continue
                     await self._emit(out, item, OutcomeState.FAILED, exc=exc)
                     return False
                 await self._accept(item, task.task_id, "submitted")
@@ -655,13 +676,10 @@ class BatchRun:
             return False
         for pause in _RECONCILE_PAUSES:
             await anyio.sleep(pause)
-            try:
-                found = await self._client.find_submitted_tasks(
-                    sent_at, failed_at, exclude=self._known_ids
-                )
-            except EmoError as exc:
-                logger.warning("reconciling %s: task list failed: %s", item.job.display_name, exc)
-                continue
+            found = await self._list_candidates(item, sent_at, failed_at)
+            if found is None:
+                # The list never answered: that proves nothing, and resending could bill twice.
+                return None
             if len(found) == 1:
                 logger.info("%s: adopted task %s", item.job.display_name, found[0].task_id)
                 await self._accept(item, found[0].task_id, "adopted")
@@ -676,6 +694,44 @@ class BatchRun:
         if self._journal is not None:
             await self._journal.clear_intent(item.key)
         return False
+
+    async def _list_candidates(
+        self, item: _Item, sent_at: _dt.datetime, failed_at: _dt.datetime
+    ) -> list[Any] | None:
+        """Unknown tasks created in the submit window, or None if the list kept failing."""
+        for attempt in range(_TRANSIENT_TRIES):
+            try:
+                return await self._client.find_submitted_tasks(
+                    sent_at, failed_at, exclude=self._known_ids
+                )
+            except EmoError as exc:
+                logger.warning("reconciling %s: task list failed: %s", item.job.display_name, exc)
+                if attempt + 1 < _TRANSIENT_TRIES:
+                    await self._pause_after(item, exc, attempt)
+        return None
+
+    def _transient(self, exc: EmoError) -> bool:
+        """Failed for now, created nothing, and worth another try later."""
+        if isinstance(exc, AmbiguousSubmitError):
+            return False
+        if isinstance(exc, RateLimitError):
+            return exc.retry_after is None or exc.retry_after <= self._client.retry.retry_after_max
+        if isinstance(exc, APIError):
+            return exc.retryable
+        return isinstance(exc, TransportError)
+
+    async def _pause_after(self, item: _Item, exc: EmoError, attempt: int) -> None:
+        # Longer than the request path's own backoff: by now its budget is spent, which means
+        # the service is struggling; Retry-After is honoured.
+        policy = self._client.retry
+        wait = policy.wait_max * random.uniform(0.5, 1.0) * min(1.0, 0.25 * 2**attempt)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after:
+            wait = max(wait, retry_after)
+        logger.info(
+            "%s: %s; trying again in %.2fs", item.job.display_name, type(exc).__name__, wait
+        )
+        await anyio.sleep(wait)
 
     async def _track(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> None:
         """Wait for one task, then download its video."""
