@@ -349,7 +349,8 @@ class TestSingleCalls:
                 image = await client.upload(job.image)
                 audio = await client.upload(job.audio)
                 det = await client.detect(image)
-                assert det.face_bbox and det.ext_bbox
+                assert det.face_bbox
+                assert det.ext_bbox
                 tasks = [
                     await client.submit(
                         image, audio, face_bbox=det.face_bbox, ext_bbox=det.ext_bbox
