@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
-import aiofiles
 import aiohttp
 import anyio
 import attrs
@@ -42,7 +41,7 @@ from ._exceptions import (
     JobFailedError,
     TransportError,
 )
-from ._http import HttpCore, make_trace_config, origin_of
+from ._http import HttpCore, env_proxy, make_trace_config, origin_of
 from ._models import (
     SERVER_TZ,
     BBox,
@@ -219,12 +218,20 @@ class Client(AsyncContextManagerMixin):
 
         ua = f"emo-async/{__version__} aiohttp/{aiohttp.__version__}"
         connector = aiohttp.TCPConnector(limit=self.limits.max_connections, limit_per_host=0)
+        # trust_env would make aiohttp look up proxies and .netrc in a worker thread on every
+        # request (two thread hops, more than half the client's CPU per request): the
+        # environment's proxy is read once here instead. Cookies are never kept.
         api_session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+        )
+        # Billed requests go through a twin session on the same pool that traces whether the
+        # request headers went out (what tells a safe retry from an ambiguous one).
+        billed_session = aiohttp.ClientSession(
             connector=connector,
-            trace_configs=[make_trace_config()],
-            # Proxies from the environment are honoured; cookies are not kept.
-            trust_env=True,
+            connector_owner=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            trace_configs=[make_trace_config()],
         )
         ext_session = aiohttp.ClientSession(
             trust_env=True,
@@ -239,6 +246,8 @@ class Client(AsyncContextManagerMixin):
         try:
             self._http = HttpCore(
                 api_session,
+                billed_session=billed_session,
+                proxy=env_proxy(self.base_url),
                 base_url=self.base_url,
                 api_key=self.__key,
                 timeouts=self.timeouts,
@@ -279,6 +288,7 @@ class Client(AsyncContextManagerMixin):
                 raise single from None
         finally:
             self._state = "closed"
+            await billed_session.close()
             await api_session.close()
             await ext_session.close()
 
@@ -788,8 +798,13 @@ class Client(AsyncContextManagerMixin):
 
 
 class _FilePayload(aiohttp.payload.Payload):
-    """A file streamed from disk through aiofiles, its size known up front (so the form has a
-    Content-Length, as OSS expects). The file is open only while it is being written."""
+    """A file streamed from disk in worker threads, its size known up front (so the form has a
+    Content-Length, as OSS expects).
+
+    Each chunk is read by a thread that opens and closes the file itself: aiohttp cancels the
+    writer when the upload host answers early (a 5xx before the body is read), and a file
+    opened in a thread whose awaiting task was cancelled would be left open (a leaked handle).
+    """
 
     _CHUNK = 1 << 18
 
@@ -809,18 +824,25 @@ class _FilePayload(aiohttp.payload.Payload):
         self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
     ) -> None:
         remaining = content_length
-        async with aiofiles.open(self._path, "rb") as f:
-            while remaining is None or remaining > 0:
-                want = self._CHUNK if remaining is None else min(self._CHUNK, remaining)
-                data = await f.read(want)
-                if not data:
-                    return
-                await writer.write(data)
-                if remaining is not None:
-                    remaining -= len(data)
+        offset = 0
+        while remaining is None or remaining > 0:
+            want = self._CHUNK if remaining is None else min(self._CHUNK, remaining)
+            data = await anyio.to_thread.run_sync(_read_at, self._path, offset, want)
+            if not data:
+                return
+            await writer.write(data)
+            offset += len(data)
+            if remaining is not None:
+                remaining -= len(data)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file upload is not text")
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def _safe_base(path: Path) -> str:

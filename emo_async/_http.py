@@ -38,7 +38,7 @@ from ._exceptions import (
 )
 from ._ratelimit import AdaptiveRateLimiter
 
-__all__ = ["ApiResponse", "HttpCore", "make_trace_config", "origin_of"]
+__all__ = ["ApiResponse", "HttpCore", "env_proxy", "make_trace_config", "origin_of"]
 
 logger = logging.getLogger("emo_async")
 
@@ -54,6 +54,29 @@ def origin_of(url: str) -> tuple[str, str, int]:
     scheme = parts.scheme.lower()
     port = parts.port or (443 if scheme == "https" else 80)
     return scheme, (parts.hostname or "").lower(), port
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...) names for ``url``, read
+    once rather than on every request."""
+    import urllib.request
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if urllib.request.proxy_bypass(host) or _is_loopback_host(host):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+def _is_loopback_host(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def make_trace_config() -> aiohttp.TraceConfig:
@@ -131,6 +154,8 @@ class HttpCore:
         self,
         session: aiohttp.ClientSession,
         *,
+        billed_session: aiohttp.ClientSession | None = None,
+        proxy: str | None = None,
         base_url: str,
         api_key: str,
         timeouts: Timeouts,
@@ -139,6 +164,8 @@ class HttpCore:
         user_agent: str,
     ) -> None:
         self._session = session
+        self._billed_session = billed_session or session
+        self._proxy = proxy
         self._base = base_url.rstrip("/")
         self._key = api_key
         self._timeouts = timeouts
@@ -201,7 +228,15 @@ class HttpCore:
             sent_at = _dt.datetime.now(_dt.UTC)
             self.stats.requests += 1
             try:
-                result = await self._send_once(method, url, hdrs, data, params, state)
+                result = await self._send_once(
+                    self._billed_session if billed else self._session,
+                    method,
+                    url,
+                    hdrs,
+                    data,
+                    params,
+                    state,
+                )
             except TransportError as exc:
                 self.stats.transport_errors += 1
                 if billed and state.headers_sent:
@@ -263,6 +298,7 @@ class HttpCore:
 
     async def _send_once(
         self,
+        session: aiohttp.ClientSession,
         method: str,
         url: str,
         headers: Mapping[str, str],
@@ -271,7 +307,7 @@ class HttpCore:
         state: _SendState,
     ) -> ApiResponse:
         try:
-            async with self._session.request(
+            async with session.request(
                 method,
                 url,
                 data=data,
@@ -279,6 +315,7 @@ class HttpCore:
                 headers=headers,
                 timeout=self._timeout(),
                 allow_redirects=False,
+                proxy=self._proxy,
                 trace_request_ctx=state,
             ) as resp:
                 raw = await resp.content.read(_MAX_BODY + 1)
