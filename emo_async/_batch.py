@@ -217,6 +217,10 @@ class BatchRun:
         self._started = time.monotonic()
         self._task_slots = anyio.CapacityLimiter(max_tasks)
         self._submit_lock = anyio.Lock()
+        # Set once every intent left open by an earlier run is reconciled. No new submit goes
+        # out before: a new task created in an open intent's window would make its task-list
+        # match ambiguous (two unknown tasks, two open intents, neither attributable).
+        self._intents_settled = anyio.Event()
         self._known_ids: set[str] = set()
         self._handled: set[str] = set()
         self._resumed: set[str] = set()
@@ -595,6 +599,7 @@ class BatchRun:
         assert item.audio_url
         assert item.face_bbox
         assert item.ext_bbox
+        await self._intents_settled.wait()
         async with self._submit_lock:
             for attempt in range(_MAX_SUBMITS):
                 if self._submit_limiter is not None:
@@ -617,7 +622,11 @@ class BatchRun:
                     if adopted is True:
                         return True
                     if adopted is None:
-                        await self._emit(out, item, OutcomeState.FAILED, exc=exc)
+                        # The journal keeps the intent: a later run reconciles it again, where
+                        # recording "failed" would let it resubmit and maybe pay twice.
+                        await self._emit(
+                            out, item, OutcomeState.FAILED, exc=exc, journal_phase=False
+                        )
                         return False
                     continue  # provably not created: send again
                 except APIError as exc:
@@ -859,7 +868,19 @@ class BatchRun:
         reconcile intents whose answer was lost."""
         from ._journal import JobPhase
 
+        try:
+            # Open intents first: new submits wait for them (see _intents_settled).
+            intents = [r for r in records if r.phase == JobPhase.INTENT]
+            for rec in intents:
+                item = _Item(rec.job, key=rec.key, record=rec, task_id=rec.task_id)
+                item.dest = self._dest_for(item)
+                self._event("resumed", item, rec.phase.value)
+                await self._resume_intent(item, tg, out)
+        finally:
+            self._intents_settled.set()
         for rec in records:
+            if rec.phase == JobPhase.INTENT:
+                continue
             item = _Item(rec.job, key=rec.key, record=rec, task_id=rec.task_id)
             item.dest = self._dest_for(item)
             self._event("resumed", item, rec.phase.value)
@@ -873,8 +894,6 @@ class BatchRun:
                 self._open_tasks.add(rec.task_id)
                 self._c.running += 1
                 tg.start_soon(self._track, item, out)
-            elif rec.phase == JobPhase.INTENT:
-                await self._resume_intent(item, tg, out)
 
     async def _resume_intent(
         self, item: _Item, tg: anyio.abc.TaskGroup, out: MemoryObjectSendStream[Outcome]
@@ -892,14 +911,22 @@ class BatchRun:
             return
         self._task_slots.release_on_behalf_of(item)
         if outcome is None:
+            # Kept as an intent in the journal (see _submit): the next run reconciles it again.
             await self._emit(
                 out,
                 item,
                 OutcomeState.FAILED,
                 exc=EmoError("an earlier submit's fate could not be established"),
+                journal_phase=False,
             )
             return
-        # Provably never created: prepare and submit afresh.
+        # Provably never created (the journal is back to "new"): prepare and submit afresh, in
+        # the background, since _submit waits for every open intent to be settled.
+        tg.start_soon(self._resubmit, item, tg, out)
+
+    async def _resubmit(
+        self, item: _Item, tg: anyio.abc.TaskGroup, out: MemoryObjectSendStream[Outcome]
+    ) -> None:
         from ._media import validate_job
 
         try:
