@@ -126,6 +126,7 @@ class ClientStatistics:
 class _Policy:
     data: Mapping[str, Any]
     expires: float  # monotonic
+    margin: float
 
 
 class Client(AsyncContextManagerMixin):
@@ -505,7 +506,7 @@ class Client(AsyncContextManagerMixin):
     async def _policy(self, model: str) -> Mapping[str, Any]:
         async with self._policy_lock:
             cached = self._policies.get(model)
-            if cached is not None and cached.expires - time.monotonic() > 30:
+            if cached is not None and cached.expires - time.monotonic() > cached.margin:
                 return cached.data
             resp = await self._core().request(
                 "GET",
@@ -521,7 +522,10 @@ class Client(AsyncContextManagerMixin):
                     request_id=resp.request_id,
                 )
             ttl = _as_int(data.get("expire_in_seconds")) or 300
-            self._policies[model] = _Policy(data=data, expires=time.monotonic() + ttl)
+            # Renew a little before it expires: 30 s, or a fifth of a short lifetime.
+            self._policies[model] = _Policy(
+                data=data, expires=time.monotonic() + ttl, margin=min(30.0, ttl / 5)
+            )
             return data
 
     async def upload(self, path: str | os.PathLike[str], *, model: str = EMO_MODEL) -> str:

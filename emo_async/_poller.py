@@ -179,7 +179,9 @@ class StatusPoller:
             submitted=submitted,
             submitted_wall=_dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=now - submitted),
             earliest=earliest,
-            next_direct=earliest,
+            # With list sweeps, a task is queried directly only once a sweep says it finished
+            # (or as a fallback, rarely); without them, as soon as it is due.
+            next_direct=earliest + (self.policy.fallback_interval if self._list_enabled else 0.0),
             last_nonterminal=submitted,
         )
         self._wakeup.set()
