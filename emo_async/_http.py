@@ -318,7 +318,7 @@ class HttpCore:
                 proxy=self._proxy,
                 trace_request_ctx=state,
             ) as resp:
-                raw = await resp.content.read(_MAX_BODY + 1)
+                raw = await _read_capped(resp.content, _MAX_BODY + 1)
                 status = resp.status
                 resp_headers = dict(resp.headers)
         except TimeoutError as exc:
@@ -353,6 +353,21 @@ class HttpCore:
             "%s %s -> %d %s request_id=%s", method, _path(url), status, err.code, err.request_id
         )
         raise err
+
+
+async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first ``limit`` bytes.
+
+    ``StreamReader.read(n)`` returns whatever has arrived so far, at most ``n`` bytes: for an
+    answer that comes in several packets that is only its beginning (read as "not JSON"), and
+    a huge answer was never seen to be huge.
+    """
+    buf = bytearray()
+    async for chunk in stream.iter_chunked(64 * 1024):
+        buf += chunk
+        if len(buf) >= limit:
+            break
+    return bytes(buf[:limit])
 
 
 def _path(url: str) -> str:
