@@ -83,13 +83,13 @@ def base_faults(seed: int) -> FaultConfig:
         seed=seed,
         ambiguous_submit_rate=0.10,
         error_rate=dict.fromkeys(five_xx, 0.10),
-        reset_rate={"task_get": 0.05, "task_list": 0.05},
+        reset_rate={"task_get": 0.08, "task_list": 0.08},
         throttle_rate={"task_get": 0.005, "submit": 0.005},
         truncate_rate=0.30,
-        etag_change_rate=0.08,
-        ignore_range_rate=0.20,
-        slow_rate=0.02,
-        slow_delay=0.25,
+        etag_change_rate=0.12,
+        ignore_range_rate=0.35,
+        slow_rate=0.04,
+        slow_delay=0.2,
     )
 
 
