@@ -32,7 +32,6 @@ from ._exceptions import (
     AmbiguousSubmitError,
     APIError,
     DetectionRejectedError,
-    DownloadError,
     EmoError,
     InputError,
     JobFailedError,
@@ -243,6 +242,7 @@ class BatchRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._names = OutputNames(self.out_dir)
             await self._open_journal(stack)
+            await self._reserve_recorded_paths()
             send, recv = anyio.create_memory_object_stream[Outcome](max(64, self._max_tasks * 4))
             self._out_send, self._out_recv = send, recv
             stack.push_async_callback(self._on_exit)
@@ -303,6 +303,14 @@ class BatchRun:
             path = self.out_dir / _JOURNAL_NAME if arg is True else Path(os.fspath(arg))
             self._journal = await stack.enter_async_context(open_journal(path))
         self._known_ids |= await self._journal.known_task_ids()
+
+    async def _reserve_recorded_paths(self) -> None:
+        """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve)."""
+        if self._journal is None:
+            return
+        async for rec in self._journal.records():
+            if rec.path:
+                self._names.reserve(Path(rec.path), rec.job.display_name, rec.key)
 
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
@@ -524,6 +532,10 @@ class BatchRun:
                     continue
                 await self._emit(out, item, OutcomeState.FAILED, exc=exc)
                 return False
+            except Exception as exc:  # e.g. an input file deleted after validation
+                logger.warning("%s: staging failed: %r", item.job.display_name, exc)
+                await self._emit(out, item, OutcomeState.FAILED, exc=exc)
+                return False
             return True
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -580,6 +592,9 @@ class BatchRun:
         out: MemoryObjectSendStream[Outcome],
     ) -> None:
         async with recv:
+            # Intents left open by an earlier run are settled first, and before this worker
+            # takes a task slot: settling them needs slots too.
+            await self._intents_settled.wait()
             async for item in recv:
                 await self._task_slots.acquire_on_behalf_of(item)
                 self._c.submitting -= 1
@@ -652,6 +667,10 @@ class BatchRun:
                         await self._pause_after(item, exc, attempt)
                         continue
                     await self._emit(out, item, OutcomeState.FAILED, exc=exc)
+                    return False
+                except Exception as exc:  # a bug, not a server answer: keep the intent open
+                    logger.exception("%s: unexpected error while submitting", item.job.display_name)
+                    await self._emit(out, item, OutcomeState.FAILED, exc=exc, journal_phase=False)
                     return False
                 await self._accept(item, task.task_id, "submitted")
                 return True
@@ -757,7 +776,8 @@ class BatchRun:
         try:
             try:
                 task = await self._client.wait(item.task_id, audio_seconds=item.audio_seconds)
-            except EmoError as exc:
+            except Exception as exc:
+                # The journal keeps the task as submitted: a later run picks it up again.
                 release()
                 await self._emit(out, item, OutcomeState.FAILED, exc=exc, journal_phase=False)
                 return
@@ -776,6 +796,19 @@ class BatchRun:
             exc_c = JobCancelledError(f"task {task.task_id} was cancelled", job=item.job)
             await self._emit(out, item, OutcomeState.CANCELLED, exc=exc_c)
             return
+        if task.succeeded and not task.video_url:
+            task = await self._url_of(task)
+        if task.succeeded and not task.video_url:
+            # Paid for, and the URL may come: the journal keeps it submitted for a later run.
+            await self._emit(
+                out,
+                item,
+                OutcomeState.FAILED,
+                exc=JobFailedError(task, job=item.job),
+                billed=billed,
+                journal_phase=False,
+            )
+            return
         if not task.succeeded or not task.video_url:
             await self._emit(out, item, OutcomeState.FAILED, exc=JobFailedError(task, job=item.job))
             return
@@ -785,6 +818,18 @@ class BatchRun:
                 item.key, video_url=task.video_url, url_deadline=deadline, billed_seconds=billed
             )
         await self._download(item, task.video_url, deadline, billed, out)
+
+    async def _url_of(self, task: Task) -> Task:
+        """A SUCCEEDED answer without a video URL: ask again a few times."""
+        for attempt in range(3):
+            await anyio.sleep(self._client.poll_policy.target_delay * (attempt + 1))
+            try:
+                again = await self._client.get_task(task.task_id)
+            except EmoError:
+                continue
+            if again.video_url:
+                return again
+        return task
 
     async def _download(
         self,
@@ -812,7 +857,7 @@ class BatchRun:
             )
             await self._emit(out, item, OutcomeState.EXPIRED, exc=exc, billed=billed)
             return
-        except (DownloadError, EmoError) as exc:
+        except Exception as exc:  # DownloadError, or anything unexpected from the network
             # The journal keeps the job FINISHED: the next run resumes the download.
             await self._emit(
                 out, item, OutcomeState.FAILED, exc=exc, billed=billed, journal_phase=False
@@ -902,10 +947,11 @@ class BatchRun:
         assert rec is not None
         assert self._journal is not None
         sent = rec.intent_at or _dt.datetime.now(_dt.UTC)
-        total = self._client.timeouts.total or 120.0
         await self._task_slots.acquire_on_behalf_of(item)
         async with self._submit_lock:
-            outcome = await self._resolve_ambiguous(item, sent, sent + _dt.timedelta(seconds=total))
+            # The dead process may have retried the POST (429, 503, Retry-After) long after
+            # the intent; nothing of it can be created after now.
+            outcome = await self._resolve_ambiguous(item, sent, _dt.datetime.now(_dt.UTC))
         if outcome is True:
             tg.start_soon(self._track, item, out)
             return
@@ -939,6 +985,7 @@ class BatchRun:
         except EmoError as exc:
             await self._emit(out, item, OutcomeState.FAILED, exc=exc)
             return
+        await self._intents_settled.wait()
         await self._task_slots.acquire_on_behalf_of(item)
         if await self._submit(item, out):
             tg.start_soon(self._track, item, out)

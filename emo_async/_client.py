@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
 import logging
 import mimetypes
 import os
@@ -35,13 +34,14 @@ from ._config import (
 )
 from ._download import url_deadline
 from ._exceptions import (
+    AmbiguousSubmitError,
     APIError,
     ClientClosedError,
     JobCancelledError,
     JobFailedError,
     TransportError,
 )
-from ._http import HttpCore, env_proxy, make_trace_config, origin_of
+from ._http import HttpCore, env_proxy, is_loopback_host, make_trace_config, origin_of
 from ._models import (
     SERVER_TZ,
     BBox,
@@ -76,20 +76,11 @@ _UPLOAD_REUSE_MARGIN = _dt.timedelta(hours=1)
 _STYLES = ("normal", "calm", "active")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_base_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"base_url must be an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ValueError(
             "base_url uses plain http:// to a non-loopback host; the API key would travel "
             f"unencrypted. Use https:// (got host {parts.hostname!r})."
@@ -198,7 +189,6 @@ class Client(AsyncContextManagerMixin):
         self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime]] = {}
         self._inflight: dict[Any, anyio.Event] = {}
         self._detections: dict[tuple[str, str], Detection] = {}
-        self._submit_lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -292,10 +282,6 @@ class Client(AsyncContextManagerMixin):
             await billed_session.close()
             await api_session.close()
             await ext_session.close()
-
-    async def aclose(self) -> None:
-        """Nothing to do outside ``async with``; present for symmetry with httpx."""
-        self._state = "closed"
 
     def _origin_str(self) -> str:
         scheme, host, port = self.api_origin
@@ -398,10 +384,12 @@ class Client(AsyncContextManagerMixin):
         )
         task = Task.from_json(resp.body)
         if not task.task_id:
-            raise APIError(
-                "the submit answer carries no task id",
-                status=resp.status,
-                request_id=resp.request_id,
+            # A success without an id: a task may well exist. Reconcile, never resend blindly.
+            now = _dt.datetime.now(_dt.UTC)
+            raise AmbiguousSubmitError(
+                f"the submit answer (request_id={resp.request_id}) carries no task id",
+                sent_at=now - _dt.timedelta(seconds=self.timeouts.total or 120.0),
+                failed_at=now,
             )
         logger.info("submitted task %s (request_id=%s)", task.task_id, resp.request_id)
         return task
@@ -473,10 +461,11 @@ class Client(AsyncContextManagerMixin):
         failed_at: _dt.datetime,
         *,
         exclude: Iterable[str] = (),
-        margin: float = 5.0,
+        margin: float = 30.0,
     ) -> list[TaskListItem]:
-        """Tasks created between ``sent_at`` and ``failed_at`` (± ``margin`` seconds) that are
-        not in ``exclude``: the candidates for an ambiguous submit."""
+        """Tasks created between ``sent_at`` and ``failed_at`` (± ``margin`` seconds, for clock
+        skew between us and the server) that are not in ``exclude``: the candidates for an
+        ambiguous submit."""
         lo = sent_at - _dt.timedelta(seconds=margin)
         hi = failed_at + _dt.timedelta(seconds=margin)
         skip = set(exclude)

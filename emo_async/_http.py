@@ -38,7 +38,14 @@ from ._exceptions import (
 )
 from ._ratelimit import AdaptiveRateLimiter
 
-__all__ = ["ApiResponse", "HttpCore", "env_proxy", "make_trace_config", "origin_of"]
+__all__ = [
+    "ApiResponse",
+    "HttpCore",
+    "env_proxy",
+    "is_loopback_host",
+    "make_trace_config",
+    "origin_of",
+]
 
 logger = logging.getLogger("emo_async")
 
@@ -63,12 +70,12 @@ def env_proxy(url: str) -> str | None:
 
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if urllib.request.proxy_bypass(host) or _is_loopback_host(host):
+    if urllib.request.proxy_bypass(host) or is_loopback_host(host):
         return None
     return urllib.request.getproxies().get(parts.scheme)
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str) -> bool:
     import ipaddress
 
     if host == "localhost":
@@ -324,7 +331,8 @@ class HttpCore:
         except TimeoutError as exc:
             raise RequestTimeoutError(f"{method} {_path(url)}: timed out") from exc
         except aiohttp.ClientError as exc:
-            raise TransportError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
+            # Not chained: aiohttp errors can carry the request headers, Authorization included.
+            raise TransportError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from None
 
         rid_header = resp_headers.get("X-Request-Id") or resp_headers.get("x-request-id")
         body, text = _decode(raw)

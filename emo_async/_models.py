@@ -241,7 +241,9 @@ class Task:
             duration_f = None
         return cls(
             task_id=str(output.get("task_id") or ""),
-            status=TaskStatus(str(output.get("task_status") or "UNKNOWN")),
+            # No status at all is a malformed answer, not a verdict: kept as a non-terminal
+            # pseudo-status so a billed task is never written off on a glitch.
+            status=TaskStatus(str(output.get("task_status") or "MISSING")),
             video_url=str(url) if url else None,
             video_duration=duration_f,
             video_ratio=usage.get("video_ratio"),

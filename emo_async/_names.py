@@ -142,6 +142,27 @@ class OutputNames:
         self._assigned[ident] = path
         return path
 
+    def reserve(self, path: Path | str, name: str, key: str) -> bool:
+        """Give ``(name, key)`` the path an earlier run saved its video at.
+
+        Called before any :meth:`assign`, so that a job resumed or added in a later run can
+        never be handed (and overwrite) a file that belongs to another job.
+
+        Returns:
+            False when the path is not directly inside ``out_dir`` or is already taken.
+        """
+        p = Path(path)
+        if os.path.realpath(p.parent) != os.path.realpath(self._out_dir):
+            return False
+        ident = (name, key)
+        folded = p.name.casefold()
+        owner = self._claimed.get(folded)
+        if owner is not None and owner != ident:
+            return False
+        self._claimed[folded] = ident
+        self._assigned[ident] = self._out_dir / p.name
+        return True
+
     def _claim(self, candidate: str, ident: tuple[str, str]) -> bool:
         folded = (candidate + self._suffix).casefold()
         owner = self._claimed.get(folded)

@@ -34,7 +34,7 @@ import attrs
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from ._config import PollPolicy
-from ._exceptions import EmoError
+from ._exceptions import APIError, EmoError
 from ._models import Task, TaskListItem, TaskStatus
 
 __all__ = ["DurationModel", "PollerStatistics", "StatusPoller"]
@@ -44,6 +44,10 @@ logger = logging.getLogger("emo_async.poller")
 FetchTask = Callable[[str], Awaitable[Task]]
 #: Yields the newest tasks first, reading at most ``max_pages`` pages.
 ListTasks = Callable[[int], AsyncIterator[TaskListItem]]
+
+#: A task reported UNKNOWN this soon after we started watching it is asked again: right after
+#: a submit it means "not visible yet", not "expired".
+_UNKNOWN_GRACE = 30.0
 
 
 class DurationModel:
@@ -103,7 +107,6 @@ class PollerStatistics:
         list_queries: ``GET /tasks`` pages sent.
         finished: Tasks seen finished.
         list_enabled: Whether sweeps are in use.
-        detection_delays: Recent (our clock) delays between "could have been seen" and seen.
     """
 
     open_tasks: int
@@ -121,7 +124,6 @@ class _Entry:
     submitted_wall: _dt.datetime
     earliest: float
     next_direct: float
-    last_direct: float = 0.0
     waiters: int = 0
     done: anyio.Event = attrs.field(factory=anyio.Event)
     result: Task | None = None
@@ -306,17 +308,27 @@ class StatusPoller:
             async with self._query_slots:
                 self._task_queries += 1
                 task = await self._fetch(entry.task_id)
-        except EmoError as exc:
-            # Throttling, 5xx or a dropped connection after retries: try again next round.
-            logger.info("status query for %s failed: %s", entry.task_id, exc)
-            now = time.monotonic()
-            entry.next_direct = now + self.policy.target_delay
-            entry.earliest = max(entry.earliest, now + self.policy.target_delay / 2)
+        except APIError as exc:
+            if not exc.retryable:
+                # A revoked key, a refused request: asking again will not help. The waiter
+                # gets the error (the batch keeps the task in its journal for a later run).
+                logger.warning("status query for %s refused: %s", entry.task_id, exc)
+                self._fail(entry, exc)
+                return
+            self._retry_later(entry, exc)
+            return
+        except Exception as exc:
+            # Throttling, 5xx or a dropped connection after retries, or an answer we could not
+            # read: try again next round rather than stop watching a billed task.
+            self._retry_later(entry, exc)
             return
         finally:
             entry.querying = False
         now = time.monotonic()
-        entry.last_direct = now
+        if task.status == TaskStatus.UNKNOWN and now - entry.submitted < _UNKNOWN_GRACE:
+            # Just submitted, yet "does not exist": a lagging replica, not an expired task.
+            self._retry_later(entry, None)
+            return
         if task.status.is_terminal:
             self._finish(entry, task, now)
             return
@@ -335,6 +347,17 @@ class StatusPoller:
         if not self._list_enabled:
             entry.earliest = max(entry.earliest, entry.next_direct)
 
+    def _retry_later(self, entry: _Entry, exc: BaseException | None) -> None:
+        if exc is not None:
+            logger.info("status query for %s failed: %s", entry.task_id, exc)
+        now = time.monotonic()
+        entry.next_direct = now + self.policy.target_delay
+        entry.earliest = max(entry.earliest, now + self.policy.target_delay / 2)
+
+    def _fail(self, entry: _Entry, exc: BaseException) -> None:
+        entry.error = exc
+        entry.done.set()
+
     def _finish(self, entry: _Entry, task: Task, now: float) -> None:
         # The task finished somewhere between our last non-terminal look and now.
         finished_at = (entry.last_nonterminal + now) / 2
@@ -348,5 +371,4 @@ class StatusPoller:
         """Wake every waiter with an error (the client is closing)."""
         for entry in self._entries.values():
             if not entry.done.is_set():
-                entry.error = exc
-                entry.done.set()
+                self._fail(entry, exc)

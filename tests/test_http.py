@@ -174,14 +174,13 @@ class TestErrorMapping:
             with pytest.raises(emo_async.ServerError, match="not JSON"):
                 await client.get_task("abc")
 
-    async def test_response_missing_fields_gives_unknown_not_crash(
-        self, scripted: Scripted
-    ) -> None:
+    async def test_response_missing_status_is_not_a_verdict(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: web.json_response({"request_id": "x"})
         async with make_client(scripted) as client:
             task = await client.get_task("abc")
         assert task.task_id == "abc"
-        assert task.status == emo_async.TaskStatus.UNKNOWN
+        assert task.status.value == "MISSING"
+        assert not task.is_terminal
 
 
 class TestRetries:
