@@ -57,9 +57,10 @@ RECONCILE_POLICIES = ("reconcile", "resubmit", "fail")
 _JOURNAL_NAME = ".emo-journal.sqlite3"
 #: How many times one job may be (re)submitted after a submit proved not to have landed.
 _MAX_SUBMITS = 4
-#: Pauses between task-list checks when reconciling, in seconds (lets an eventually
-#: consistent list catch up before we conclude that nothing was created).
-_RECONCILE_PAUSES = (0.0, 0.5, 1.5)
+#: Pauses between task-list checks when reconciling, as fractions of the poll policy's
+#: target delay (5 s by default: 0, 0.5 s, 2 s): an eventually consistent list gets time to
+#: catch up before we conclude that nothing was created, in the client's own time scale.
+_RECONCILE_PAUSES = (0.0, 0.1, 0.4)
 #: Batch-level tries of a step that failed transiently without creating anything (a 429, a 503,
 #: a 5xx or no answer to an unbilled request). The request path's own retries are capped by a
 #: client-wide retry budget that a long batch under load spends quickly; without these, one
@@ -702,8 +703,9 @@ class BatchRun:
             if self._journal is not None:
                 await self._journal.clear_intent(item.key)
             return False
+        unit = self._client.poll_policy.target_delay
         for pause in _RECONCILE_PAUSES:
-            await anyio.sleep(pause)
+            await anyio.sleep(pause * unit)
             found = await self._list_candidates(item, sent_at, failed_at)
             if found is None:
                 # The list never answered: that proves nothing, and resending could bill twice.
