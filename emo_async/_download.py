@@ -904,8 +904,9 @@ class _Transfer:
         if meta == self.saved_meta:
             return
         try:
-            async with aiofiles.open(self.meta, "w", encoding="utf-8") as f:
-                await f.write(json.dumps(meta))
+            # One thread hop that opens, writes and closes: cancelled in the middle of an
+            # aiofiles open, the file object would be left open (a leaked handle).
+            await anyio.to_thread.run_sync(_write_text, self.meta, json.dumps(meta))
         except OSError as exc:
             raise _os_download_error("writing", self.meta, exc) from exc
         self.saved_meta = meta
@@ -1003,3 +1004,8 @@ def _oss_message(body: bytes) -> str:
     if match:
         return match.group(1).strip()[:200]
     return text.strip()[:200]
+
+
+def _write_text(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        f.write(text)
