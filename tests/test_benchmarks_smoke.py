@@ -1,0 +1,65 @@
+"""The batch benchmark still runs end to end (tiny N, fast simulated time), so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("dashscope")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+class TestBatchBenchmark:
+    """``python -m benchmarks.batch`` at N = 20 with every contender and side run."""
+
+    def test_runs_all_contenders_and_writes_its_table(self, tmp_path: Path) -> None:
+        out = tmp_path / "results"
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.batch",
+            "--jobs",
+            "20",
+            "--concurrency",
+            "5",
+            "--submit-qps",
+            "20",
+            "--time-scale",
+            "0.01",
+            "--portraits",
+            "2",
+            "--memory-tasks",
+            "200",
+            "--memory-hold",
+            "2",
+            "--cpu-requests",
+            "200",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+        done = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        latest = (out / "latest.md").read_text()
+        assert list(out.glob("batch-*.md")), "the dated table is missing"
+        assert (out / "timeline.png").stat().st_size > 0
+        for name in ("emo_async", "dashscope", "naive"):
+            assert f"| {name} |" in latest
+        assert "## Targets (issue #9)" in latest
+        assert "## Memory" in latest
+        assert "## Client CPU per request" in latest
+        raw = json.loads((out / "latest.json").read_text())
+        for name in ("emo_async", "dashscope", "naive"):
+            assert raw["results"][name]["done"] == 20, raw["results"][name]["failures"]
+            assert raw["results"][name]["tasks_created"] == 20
+        assert raw["memory"]["open_tasks_seen"] == 200
