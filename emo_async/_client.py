@@ -182,6 +182,7 @@ class Client(AsyncContextManagerMixin):
             "submit": AdaptiveRateLimiter("submit", limits.submit_qps),
             "policy": AdaptiveRateLimiter("policy", limits.policy_qps),
             "cancel": AdaptiveRateLimiter("cancel", limits.cancel_qps),
+            "list": AdaptiveRateLimiter("list", limits.list_qps),
         }
         self._upload_slots = anyio.CapacityLimiter(limits.max_uploads)
         self._policies: dict[str, _Policy] = {}
@@ -434,6 +435,8 @@ class Client(AsyncContextManagerMixin):
                 params["status"] = status
             if model_name:
                 params["model_name"] = model_name
+            # A page counts against the list's own (undocumented) limit and the task queries'.
+            await self._limiters["list"].acquire()
             resp = await self._core().request("GET", "/tasks", family="task", params=params)
             if self._poller is not None:
                 self._poller.note_list_page()

@@ -110,6 +110,8 @@ class Limits:
         submit_qps: emo-v1 submits (billed).
         policy_qps: upload-policy requests.
         cancel_qps: task cancels.
+        list_qps: ``GET /tasks`` pages (the task list's own limit is not documented; its pages
+            count against ``task_qps`` too).
         max_connections: Size of the API connection pool.
         max_uploads: Uploads in flight at once.
         max_downloads: Downloads in flight at once.
@@ -120,6 +122,7 @@ class Limits:
     submit_qps: float = attrs.field(default=2.0, validator=_pos)
     policy_qps: float = attrs.field(default=50.0, validator=_pos)
     cancel_qps: float = attrs.field(default=5.0, validator=_pos)
+    list_qps: float = attrs.field(default=5.0, validator=_pos)
     max_connections: int = attrs.field(default=64, validator=_ge1)
     max_uploads: int = attrs.field(default=4, validator=_ge1)
     max_downloads: int = attrs.field(default=4, validator=_ge1)
