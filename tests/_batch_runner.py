@@ -210,6 +210,33 @@ async def run(args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_until_signal(args: argparse.Namespace) -> int:
+    """``run`` under a SIGINT/SIGTERM watcher that cancels it, as the emo-async CLI does.
+
+    Relying on asyncio's default Ctrl-C handling (a native cancel of the main task) is racy:
+    a cancel that lands inside a shielded journal write can be absorbed, and the run then
+    carries on to its end. An explicit cancel scope is what a well-behaved app uses.
+    """
+    interrupted = False
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal interrupted
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                interrupted = True
+                scope.cancel()
+                return
+
+    result = 0
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        result = await run(args)
+        tg.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("base_url")
@@ -219,7 +246,7 @@ def main() -> int:
     parser.add_argument("--max-tasks", type=int, default=6)
     args = parser.parse_args()
     try:
-        return anyio.run(run, args)
+        return anyio.run(run_until_signal, args)
     except KeyboardInterrupt:
         emit({"type": "interrupted"})
         return 130
