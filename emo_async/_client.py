@@ -39,6 +39,8 @@ from ._exceptions import (
     ClientClosedError,
     JobCancelledError,
     JobFailedError,
+    RateLimitError,
+    ServerError,
     TransportError,
 )
 from ._http import HttpCore, env_proxy, is_loopback_host, make_trace_config, origin_of
@@ -620,7 +622,12 @@ class Client(AsyncContextManagerMixin):
                     used = await self._policy(model)
                     host, key, fields = self._form(used, path, digest, mime)
                     continue
-                err = APIError(
+                # The class says whether trying later may help (the batch retries a job whose
+                # upload failed with a retryable error rather than fail it).
+                err_cls = (
+                    ServerError if status >= 500 else RateLimitError if status == 429 else APIError
+                )
+                err = err_cls(
                     f"upload of {path.name} refused: HTTP {status}: {text[:200]}", status=status
                 )
                 if status < 500 and status != 429:
