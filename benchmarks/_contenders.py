@@ -156,7 +156,7 @@ async def run_emo_async(spec: Mapping[str, Any]) -> dict[str, Any]:
             jobs,
             out_dir,
             journal=bool(spec.get("journal", True)),
-            max_tasks=int(spec["concurrency"]),
+            max_tasks=int(spec["concurrency"]) + int(spec.get("our_overfill", 0)),
             submit_rate=float(spec["submit_qps"]),
             on_event=on_event,
         )

@@ -95,6 +95,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--naive-interval", type=float, default=1.0, help="naive script's poll interval, real s"
     )
     p.add_argument(
+        "--our-overfill",
+        type=int,
+        default=8,
+        help="emo_async keeps C + this many tasks submitted (max_tasks); the server queues the "
+        "extra ones PENDING, which hides the client's detection delay (cancelling a PENDING "
+        "task is free)",
+    )
+    p.add_argument(
         "--our-task-qps",
         type=float,
         default=15.0,
@@ -736,6 +744,7 @@ async def amain(args: argparse.Namespace, command: str) -> Path:
                         "submit_qps": args.submit_qps,
                         "detect_qps": args.detect_qps,
                         "our_task_qps": args.our_task_qps,
+                        "our_overfill": args.our_overfill,
                         "time_scale": args.time_scale,
                         "naive_interval": args.naive_interval,
                         "out_dir": str(run_dir / "out"),
