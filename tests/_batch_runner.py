@@ -46,6 +46,7 @@ from emo_async import BatchEvent, Client, Job, JournalError
 from emo_async._config import Limits, PollPolicy, RetryPolicy
 from emo_async._download import part_paths
 from emo_async._journal import Journal
+from emo_async._util import single_error
 
 KINDS = ("intent", "presubmit", "submitted", "download", "predone")
 
@@ -228,10 +229,17 @@ async def run_until_signal(args: argparse.Namespace) -> int:
                 return
 
     result = 0
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        result = await run(args)
-        tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watch, tg.cancel_scope)
+            result = await run(args)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A JournalError (exit 2) and the like come out of the task group on their own.
+        single = single_error(group)
+        if single is None:
+            raise
+        raise single from None
     if interrupted:
         raise KeyboardInterrupt
     return result
