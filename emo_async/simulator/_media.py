@@ -117,7 +117,7 @@ def _find_face(im: object) -> Box:
         assert isinstance(left, tuple)
         assert isinstance(right, tuple)
         bg = [(int(a) + int(b)) / 2 for a, b in zip(left, right, strict=False)]
-        xs = [x for x in range(sw) if _distance(px[x, y], bg) > 60]
+        xs = [x for x in range(sw) if _distance(px[x, y], bg) > 36]
         rows.append((xs[0], xs[-1] + 1) if len(xs) >= 2 else None)
     head = _head_rows(rows, sw)
     if head is not None:
@@ -151,19 +151,19 @@ def _head_rows(rows: list[tuple[int, int] | None], sw: int) -> tuple[int, int, i
     first = rows[start]
     assert first is not None
     x1, x2 = first
-    prev_w = x2 - x1
+    max_w = x2 - x1
     end = start + 1
     for y in range(start + 1, len(rows)):
         r = rows[y]
         if r is None:
             break
         w = r[1] - r[0]
-        if w > prev_w + max(4.0, 0.12 * sw) and y - start > 2:
-            break  # the shoulders
+        if y - start > 0.3 * (x2 - x1) and w > 1.4 * max_w + 2:
+            break  # the shoulders (ears and hair widen a head far less)
         nx1, nx2 = min(x1, r[0]), max(x2, r[1])
         if y + 1 - start > 1.25 * (nx2 - nx1) + 1:
             break
-        x1, x2, prev_w, end = nx1, nx2, w, y + 1
+        x1, x2, max_w, end = nx1, nx2, max(max_w, w), y + 1
     if not (2 <= x2 - x1 < 0.9 * sw) or start >= 0.9 * len(rows):
         return None
     return (x1, start, x2, end)
