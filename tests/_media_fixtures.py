@@ -12,7 +12,14 @@ from typing import Any
 import aiohttp
 from PIL import Image, ImageDraw, PngImagePlugin
 
+from emo_async.simulator import SimulatorConfig
+
 #: Where ``portrait()`` draws its face (an ellipse on a plain background).
+#: Exactly 10 simulated seconds of processing per task, whatever the audio.
+FIXED = SimulatorConfig(
+    processing_base=10.0, processing_per_audio_second=0.0, processing_jitter=0.0
+)
+
 FACE_BOX = (300, 250, 500, 480)
 
 

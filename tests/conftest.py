@@ -3,8 +3,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from _media_fixtures import FileServer
+from _media_fixtures import FIXED, FileServer
 from aiohttp import web
+
+from emo_async.simulator import Simulator
 
 
 @pytest.fixture
@@ -37,3 +39,13 @@ async def files() -> AsyncIterator[FileServer]:
         yield server
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    """An in-process simulator with fixed processing times (the simulator tests' default).
+
+    time_scale=1: real time barely moves during a test, so ``clock.advance()`` drives it.
+    """
+    async with Simulator(FIXED) as simulator:
+        yield simulator

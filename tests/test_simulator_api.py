@@ -12,6 +12,7 @@ import anyio
 import attrs
 import pytest
 from _media_fixtures import (
+    FIXED,
     SUBMIT_PATH,
     Api,
     FileServer,
@@ -25,18 +26,6 @@ from _media_fixtures import (
 from emo_async.simulator import Simulator, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
-
-#: Exactly 10 simulated seconds of processing per task, whatever the audio.
-FIXED = SimulatorConfig(
-    processing_base=10.0, processing_per_audio_second=0.0, processing_jitter=0.0
-)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    # time_scale=1: real time barely moves during a test, so clock.advance() drives the story.
-    async with Simulator(FIXED) as simulator:
-        yield simulator
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from _media_fixtures import SUBMIT_PATH, Api, FileServer, job, portrait, wav
+from _media_fixtures import FIXED, SUBMIT_PATH, Api, FileServer, job, portrait, wav
 
 from emo_async.simulator import (
     SIM_KEY,
@@ -22,16 +22,6 @@ from emo_async.simulator import (
 )
 
 pytestmark = pytest.mark.anyio
-
-FIXED = SimulatorConfig(
-    processing_base=10.0, processing_per_audio_second=0.0, processing_jitter=0.0
-)
-
-
-@pytest.fixture
-async def sim() -> AsyncIterator[Simulator]:
-    async with Simulator(FIXED) as simulator:
-        yield simulator
 
 
 @pytest.fixture
