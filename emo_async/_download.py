@@ -32,10 +32,12 @@ import aiohttp
 import anyio
 import attrs
 from aiofiles.threadpool.binary import AsyncBufferedReader
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from yarl import URL
 
 from ._config import DEFAULT_DOWNLOAD_TIMEOUTS, DEFAULT_RETRY_POLICY, RetryPolicy, Timeouts
 from ._exceptions import ClientClosedError, DownloadError, ResultExpiredError, parse_retry_after
+from ._util import single_error
 from ._version import __version__
 
 __all__ = [
@@ -56,6 +58,7 @@ _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*$", re.I
 _ERROR_BODY_LIMIT = 16 * 1024
 _REHASH_BLOCK = 1 << 20
 _WRITEBACK_EVERY = 8 << 20
+_WRITE_AHEAD = 3  # chunks between the socket reader and the file writer
 _FADVISE = getattr(os, "posix_fadvise", None) if sys.platform.startswith("linux") else None
 _DONTNEED: int = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
@@ -820,37 +823,83 @@ class _Transfer:
         raise DownloadError(f"HTTP {status} for {self.shown}: {resp.reason or 'unexpected answer'}")
 
     async def _stream(self, resp: aiohttp.ClientResponse) -> None:
-        chunk_size = self.owner.chunk_size
-        buf = bytearray()
+        # Two stages so the disk and the network overlap: this task reads the socket and hashes,
+        # a writer task in the same task group writes to the ``.part`` through aiofiles' thread.
+        # At most _WRITE_AHEAD chunks wait between them, so memory stays flat.
+        send, receive = anyio.create_memory_object_stream[list[bytes]](_WRITE_AHEAD)
+        broken: BaseException | None = None
         try:
-            async for data in resp.content.iter_chunked(chunk_size):
-                if not buf and len(data) >= chunk_size // 2:
-                    # Already big enough for one write: skip a copy.
-                    await self._write(data)
-                    continue
-                buf += data
-                if len(buf) >= chunk_size // 2:
-                    await self._write(buf)
-                    buf = bytearray()
-        except _BROKEN_STREAM:
-            # Bytes that arrived before the break are good: keep them for the resume.
-            buf += _salvage(resp.content)
-            if buf:
-                await self._write(buf)
-            raise
-        if buf:
-            await self._write(buf)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._write_all, receive)
+                try:
+                    await self._read_all(resp, send)
+                except _BROKEN_STREAM as exc:
+                    # Let the writer finish what was read before raising.
+                    broken = exc
+                finally:
+                    # The writer stops once the queue is empty. If the writer failed instead,
+                    # the task group has cancelled this task already.
+                    send.close()
+        except BaseExceptionGroup as group:
+            error = single_error(group)
+            if error is None:
+                raise
+            raise error from error.__cause__
+        finally:
+            receive.close()
+        if broken is not None:
+            raise broken
 
-    async def _write(self, data: bytes | bytearray) -> None:
+    async def _read_all(
+        self, resp: aiohttp.ClientResponse, send: MemoryObjectSendStream[list[bytes]]
+    ) -> None:
+        # One piece per network read, as aiohttp buffered it: no joins, no copies here. Pieces
+        # are hashed as they come and handed to the writer about ``chunk_size`` bytes at a time.
+        chunk_size = self.owner.chunk_size
+        pieces: list[bytes] = []
+        held = 0
+        try:
+            async for data, _ in resp.content.iter_chunks():
+                if not data:
+                    continue
+                self.hasher.update(data)
+                pieces.append(data)
+                held += len(data)
+                if held >= chunk_size:
+                    await send.send(pieces)
+                    pieces, held = [], 0
+        except _BROKEN_STREAM:
+            # Bytes that arrived before the break are good: keep them, so the resume asks for
+            # exactly what is missing.
+            rest = _salvage(resp.content)
+            if rest:
+                self.hasher.update(rest)
+                pieces.append(rest)
+            if pieces:
+                await send.send(pieces)
+            raise
+        if pieces:
+            await send.send(pieces)
+
+    async def _write_all(self, receive: MemoryObjectReceiveStream[list[bytes]]) -> None:
+        # Not ``async with receive``: closing it on a write error would fail the reader's
+        # ``send`` with a second error; the task group cancels the reader instead.
+        async for pieces in receive:
+            await self._write(pieces)
+
+    async def _write(self, pieces: list[bytes]) -> None:
         assert self.file is not None
         try:
-            await self.file.write(data)
+            # Shielded: a cancelled await would leave the write running in its thread while
+            # the file gets closed or truncated under it.
+            with anyio.CancelScope(shield=True):
+                await self.file.writelines(pieces)
         except OSError as exc:
             raise _os_download_error("writing", self.part, exc) from exc
-        self.hasher.update(data)
-        self.have += len(data)
-        self.transferred += len(data)
-        self.unflushed += len(data)
+        size = sum(map(len, pieces))
+        self.have += size
+        self.transferred += size
+        self.unflushed += size
         if self.unflushed >= _WRITEBACK_EVERY:
             self.unflushed = 0
             await self._start_writeback()
