@@ -48,6 +48,7 @@ _OSS_FIELDS: Final = (
     "x-oss-forbid-overwrite",
 )
 _VIDEO_INPUT_LIMIT: Final = 64 * 1024 * 1024
+_MEDIA_CHUNK = 1 << 20
 _MEDIA_PATH = re.compile(r"^/results/(?P<task_id>[^/]+)\.mp4$")
 _TASK_PATH = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)$")
 _CANCEL_PATH = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)/cancel$")
@@ -895,7 +896,7 @@ class SimState:
                     start, stop = parsed
                     status = 206
                     headers["Content-Range"] = f"bytes {start}-{stop - 1}/{total}"
-        body = data[start:stop]
+        body = memoryview(data)[start:stop]
         if request.method != "HEAD" and body and self._roll(self.faults.truncate_rate):
             ctx.fault = "truncate"
             cut = self._fault_rng.randrange(0, len(body))
@@ -903,14 +904,30 @@ class SimState:
             response.content_type = "video/mp4"
             response.content_length = len(body)
             await response.prepare(request)
-            if cut:
-                await response.write(body[:cut])
+            await _write_chunks(response, body[:cut])
             ctx.bytes_sent = cut
             if request.transport is not None:
                 request.transport.close()
             return response
         ctx.bytes_sent = 0 if request.method == "HEAD" else len(body)
-        return web.Response(body=body, status=status, headers=headers, content_type="video/mp4")
+        if request.method == "HEAD" or len(body) <= _MEDIA_CHUNK:
+            return web.Response(
+                body=bytes(body), status=status, headers=headers, content_type="video/mp4"
+            )
+        # Big objects go out a chunk at a time, as an object store streams them: one giant
+        # transport.write would copy the whole video into the transport's buffer first.
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_type = "video/mp4"
+        response.content_length = len(body)
+        await response.prepare(request)
+        await _write_chunks(response, body)
+        await response.write_eof()
+        return response
+
+
+async def _write_chunks(response: web.StreamResponse, body: memoryview) -> None:
+    for offset in range(0, len(body), _MEDIA_CHUNK):
+        await response.write(body[offset : offset + _MEDIA_CHUNK])
 
 
 def _policy_failed(condition: str) -> str:
