@@ -1,84 +1,152 @@
-"""Download throughput and memory: emo_async's Downloader against ``curl -o``.
+"""Download throughput and memory: emo_async's Downloader against ``curl -o``, same URL, same run.
 
-Run ``python -m benchmarks.download --size-mb 200``. A media host runs in a separate process
-(``benchmarks.media_server``); each round downloads the same URL once with curl and once with
-our Downloader (the order alternates), and the medians are reported. Targets (issue #6):
-throughput ≥ 0.8 x curl, peak RSS growth < 30 MB. Our time includes the fsync and atomic
-rename that curl does not do; the ``fsync`` column shows how much of it that was.
+Run ``python -m benchmarks.download --size-mb 200``. The simulator runs in its own process
+(``benchmarks._sim_proc``) with a result video of ``--size-mb`` MiB; one task is submitted and
+waited for through the client, and its ``video_url`` (signed, with ``Expires``) is what both
+contenders fetch from the simulator's media host. Each round downloads it once with curl and
+once with our :class:`~emo_async._download.Downloader` (the order alternates), into each
+``--dir``; the medians are reported. Targets (issue #6): throughput ≥ 0.8 × ``curl -o``, peak
+RSS growth < 30 MB.
+
+What is compared, so that the figures mean something on a noisy VM:
+
+* Ours includes everything ``download()`` does: SHA-256 of every byte, the ``.part`` file,
+  ``fsync`` of the file and its directory, the atomic rename. ``curl -o`` does none of it and
+  returns while its bytes are still dirty in the page cache.
+* ``curl -o`` + fsync is curl's time plus the time to fsync its file afterwards: the same
+  durability as ours.
+* The disk floor is writing the same number of bytes from memory and fsyncing them, no network:
+  no durable download into that directory can be faster.
+* ``os.sync()`` runs (untimed) before every timed download, so no run pays for the write-back
+  of the previous one.
+
+On a disk whose durable write rate is below curl's page-cache rate, the ratio to ``curl -o``
+is bounded by ``floor / curl``, whatever the downloader does; the report prints that bound. A
+tmpfs directory (``/dev/shm``) takes the disk out and measures the downloader itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
+import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import anyio
 import psutil
 
+from emo_async import Client
 from emo_async._download import Downloader
 
 TARGET_RATIO = 0.8
 TARGET_RSS_MB = 30.0
 RESULTS = Path(__file__).parent / "results" / "download.md"
+#: The simulator's audio duration when it does not validate inputs; the video is sized per second.
+_SIM_AUDIO_SECONDS = 10
 
 
-def start_server(size_mb: int, workdir: Path) -> tuple[subprocess.Popen[str], int, str]:
-    argv = [sys.executable, "-m", "benchmarks.media_server", "--size-mb", str(size_mb)]
-    proc = subprocess.Popen(
-        [*argv, "--dir", str(workdir)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    if not line or line[0] != "READY":
-        proc.kill()
-        raise SystemExit("media server did not start")
-    return proc, int(line[1]), line[2]
+@dataclass
+class Round:
+    curl: float
+    curl_fsync: float
+    ours: float
+    ours_fsync: float
+    rss_mb: float
 
 
-def run_curl(curl: str, url: str, out: Path) -> float:
+@dataclass
+class DirResult:
+    path: Path
+    label: str
+    floor: list[float] = field(default_factory=list)
+    rounds: list[Round] = field(default_factory=list)
+
+
+def _sync() -> None:
+    os.sync()
+    time.sleep(0.05)
+
+
+def run_curl(curl: str, url: str, out: Path) -> tuple[float, float, str]:
+    """Seconds for ``curl -o``, seconds to fsync its file afterwards, and the file's sha256."""
+    _sync()
     start = time.perf_counter()
-    subprocess.run([curl, "-s", "-o", str(out), url], check=True)
+    subprocess.run([curl, "-s", "-f", "-o", str(out), url], check=True)
     elapsed = time.perf_counter() - start
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        t0 = time.perf_counter()
+        os.fsync(fd)
+        fsync = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    digest = hashlib.sha256()
+    with out.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
     out.unlink()
+    return elapsed, fsync, digest.hexdigest()
+
+
+def disk_floor(directory: Path, size: int) -> float:
+    """Seconds to write ``size`` bytes from memory into ``directory`` and fsync them."""
+    block = os.urandom(1 << 20)
+    path = directory / "floor.bin"
+    _sync()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, block[: min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    path.unlink()
     return elapsed
 
 
-async def _raw_read(url: str) -> None:
-    async with aiohttp.ClientSession() as session, session.get(url) as resp:
-        async for _ in resp.content.iter_chunked(1 << 20):
-            pass
+class _PeakRSS:
+    """Samples this process's RSS every 2 ms on a thread (the loop is busy downloading)."""
+
+    def __init__(self) -> None:
+        self._proc = psutil.Process()
+        self.baseline = self._proc.memory_info().rss
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.baseline) / 1e6
 
 
-def run_raw(url: str) -> float:
-    start = time.perf_counter()
-    asyncio.run(_raw_read(url))
-    return time.perf_counter() - start
-
-
-async def _ours(url: str, dest: Path, sha256: str) -> tuple[float, float, float]:
-    proc = psutil.Process()
-    baseline = proc.memory_info().rss
-    peak = baseline
-    done = anyio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.memory_info().rss)
-            await anyio.sleep(0.002)
-
+async def _ours(url: str, dest: Path) -> tuple[float, float, str]:
     fsync_time = 0.0
     real_fsync = os.fsync
 
@@ -88,110 +156,225 @@ async def _ours(url: str, dest: Path, sha256: str) -> tuple[float, float, float]
         real_fsync(fd)
         fsync_time += time.perf_counter() - t0
 
-    os.fsync = timed_fsync
+    os.fsync = timed_fsync  # type: ignore[assignment]
     try:
-        async with Downloader(max_concurrent=1) as dl, anyio.create_task_group() as tg:
-            tg.start_soon(sample)
+        async with Downloader(max_concurrent=1) as dl:
             start = time.perf_counter()
             result = await dl.download(url, dest)
             elapsed = time.perf_counter() - start
-            done.set()
     finally:
         os.fsync = real_fsync
-    if result.sha256 != sha256:
-        raise SystemExit(f"sha256 mismatch: {result.sha256} != {sha256}")
-    return elapsed, (peak - baseline) / 1e6, fsync_time
+    return elapsed, fsync_time, result.sha256
 
 
-def run_ours(url: str, dest: Path, sha256: str) -> tuple[float, float, float]:
-    measured = asyncio.run(_ours(url, dest, sha256))
+def run_ours(url: str, dest: Path) -> tuple[float, float, float, str]:
+    _sync()
+    with _PeakRSS() as rss:
+        elapsed, fsync_time, sha256 = asyncio.run(_ours(url, dest))
     dest.unlink()
-    return measured
+    return elapsed, fsync_time, rss.growth_mb, sha256
+
+
+def start_simulator(size_mb: int, work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The simulator in its own process, its results ``size_mb`` MiB; (process, URL, key)."""
+    time_scale = 0.001
+    config = {
+        "time_scale": time_scale,
+        # The URL stays valid for an hour of real time, however long the run takes.
+        "result_ttl": 3600 / time_scale,
+        "task_retention": 3600 / time_scale,
+        "validate_inputs": False,
+        "processing_base": 1.0,
+        "processing_per_audio_second": 0.0,
+        "processing_jitter": 0.0,
+        "video_bytes_per_second": size_mb * (1 << 20) // _SIM_AUDIO_SECONDS,
+    }
+    argv = [sys.executable, "-m", "benchmarks._sim_proc", "--config", json.dumps(config)]
+    proc = subprocess.Popen(
+        [*argv, "--dump", str(work / "ledger.json")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    if not line.startswith("EMO_SIMULATOR "):
+        proc.kill()
+        raise SystemExit("the simulator did not start")
+    fields = dict(part.split("=", 1) for part in line.split()[1:])
+    return proc, fields["base_url"], fields["api_key"]
+
+
+def stop_simulator(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def make_video(base_url: str, api_key: str) -> str:
+    """Submit one task through the client, wait for it, return its signed ``video_url``."""
+    async with Client(api_key=api_key, base_url=base_url) as client:
+        task = await client.submit(
+            "https://example.com/portrait.png",
+            "https://example.com/voice.wav",
+            face_bbox=(10, 20, 300, 310),
+            ext_bbox=(0, 0, 512, 512),
+        )
+        final = await client.wait_outcome(task)
+    assert final.video_url is not None
+    return final.video_url
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def report(args: argparse.Namespace, command: str, baseline: str, results: list[DirResult]) -> str:
+    mb = args.size_mb * (1 << 20) / 1e6
+    lines = [
+        f"# Download benchmark ({args.size_mb} MiB from the simulator's media host, loopback)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Baseline: {baseline}. "
+        f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
+        f"{os.cpu_count()} CPUs, load average before the run {args.load_before:.2f}.",
+        "",
+        "Ours = `Downloader.download()`: SHA-256 of every byte, `.part` file, fsync of file and "
+        "directory, atomic rename. `curl -o` does none of that and returns with its bytes still "
+        "in the page cache; `curl -o + fsync` adds the fsync of its file afterwards (the same "
+        "durability as ours). Disk floor = writing the same bytes from memory and fsyncing them: "
+        "no durable download into that directory can be faster. `os.sync()` runs untimed before "
+        "every timed download.",
+        "",
+    ]
+    verdicts: list[str] = []
+    for res in results:
+        rounds = res.rounds
+        floor = _median(res.floor)
+        lines += [
+            f"## {res.label}: `{res.path}`",
+            "",
+            "| round | curl -o s | curl -o + fsync s | ours s | of which fsync s | "
+            "ours / curl -o | ours / (curl -o + fsync) | RSS growth MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(rounds, 1):
+            lines.append(
+                f"| {i} | {r.curl:.3f} | {r.curl + r.curl_fsync:.3f} | {r.ours:.3f} "
+                f"| {r.ours_fsync:.3f} | {r.curl / r.ours:.2f} "
+                f"| {(r.curl + r.curl_fsync) / r.ours:.2f} | {r.rss_mb:.1f} |"
+            )
+        curl = _median([r.curl for r in rounds])
+        durable = _median([r.curl + r.curl_fsync for r in rounds])
+        ours = _median([r.ours for r in rounds])
+        ours_fsync = _median([r.ours_fsync for r in rounds])
+        ratio = _median([r.curl / r.ours for r in rounds])
+        ratio_durable = _median([(r.curl + r.curl_fsync) / r.ours for r in rounds])
+        max_rss = max(r.rss_mb for r in rounds)
+        bound = min(1.0, curl / floor) if floor > 0 else float("inf")
+        lines += [
+            f"| **median** | **{curl:.3f}** | **{durable:.3f}** | **{ours:.3f}** "
+            f"| **{ours_fsync:.3f}** | **{ratio:.2f}** | **{ratio_durable:.2f}** "
+            f"| **{_median([r.rss_mb for r in rounds]):.1f}** |",
+            "",
+            f"- Throughput: curl -o {mb / curl:.0f} MB/s, ours {mb / ours:.0f} MB/s; disk floor "
+            f"{floor:.3f} s ({mb / floor:.0f} MB/s durable).",
+            f"- **ours / curl -o = {ratio:.2f}** (target ≥ {TARGET_RATIO}: "
+            f"{'met' if ratio >= TARGET_RATIO else 'NOT met'}); the disk floor caps any durable "
+            f"download at {bound:.2f} × curl -o here.",
+            f"- ours / (curl -o + fsync) = {ratio_durable:.2f}.",
+            f"- Peak RSS growth: max {max_rss:.1f} MB (target < {TARGET_RSS_MB:.0f} MB: "
+            f"{'met' if max_rss < TARGET_RSS_MB else 'NOT met'}).",
+            "",
+        ]
+        verdicts.append(f"{res.label}: {ratio:.2f} × curl -o (cap {bound:.2f})")
+    lines.append("Summary: " + "; ".join(verdicts) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def default_dirs() -> list[Path]:
+    dirs = [Path(tempfile.gettempdir())]
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        dirs.append(shm)
+    return dirs
+
+
+def _label(path: Path) -> str:
+    try:
+        fs = max(
+            (p for p in psutil.disk_partitions(all=True) if str(path).startswith(p.mountpoint)),
+            key=lambda p: len(p.mountpoint),
+        ).fstype
+    except ValueError:
+        fs = "?"
+    return f"{fs} ({'memory' if fs == 'tmpfs' else 'disk'})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-write", action="store_true", help="do not write results/download.md")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        action="append",
+        dest="dirs",
+        help="where the files go (repeatable; default: the temp dir and /dev/shm if writable)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    parser.add_argument("--no-write", action="store_true", help="print the report only")
     args = parser.parse_args()
     command = f"python -m benchmarks.download --size-mb {args.size_mb}"
-    if args.rounds != 3:
+    if args.rounds != 5:
         command += f" --rounds {args.rounds}"
+    for d in args.dirs or ():
+        command += f" --dir {d}"
     curl = shutil.which("curl")
-    baseline_name = "curl -o" if curl else "raw aiohttp read (curl missing)"
+    if curl is None:
+        raise SystemExit("curl is not installed: the baseline of this benchmark is `curl -o`")
     size = args.size_mb * (1 << 20)
+    args.load_before = os.getloadavg()[0]
 
-    load_before = os.getloadavg()[0]
-    workdir = Path(tempfile.mkdtemp(prefix="emo-bench-"))
-    server, port, sha256 = start_server(args.size_mb, workdir)
-    url = f"http://127.0.0.1:{port}/video.mp4?Expires={int(time.time()) + 3600}&Signature=bench"
-    rows: list[tuple[float, float, float, float]] = []
+    work = Path(tempfile.mkdtemp(prefix="emo-dl-bench-"))
+    results = [DirResult(path=d, label=_label(d)) for d in (args.dirs or default_dirs())]
+    sim, base_url, api_key = start_simulator(args.size_mb, work)
     try:
-
-        def baseline() -> float:
-            return run_curl(curl, url, workdir / "curl.mp4") if curl else run_raw(url)
-
-        # Warm-up: page cache, connection setup and one-time allocations are not the subject.
-        baseline()
-        run_ours(url, workdir / "ours.mp4", sha256)
-        for i in range(args.rounds):
-            if i % 2 == 0:
-                base_t = baseline()
-                ours_t, rss, fsync_t = run_ours(url, workdir / "ours.mp4", sha256)
-            else:
-                ours_t, rss, fsync_t = run_ours(url, workdir / "ours.mp4", sha256)
-                base_t = baseline()
-            rows.append((base_t, ours_t, rss, fsync_t))
+        url = anyio.run(make_video, base_url, api_key)
+        for res in results:
+            scratch = Path(tempfile.mkdtemp(prefix="emo-dl-", dir=res.path))
+            try:
+                # Warm-up: connection setup, the simulator's video cache, one-time allocations.
+                run_curl(curl, url, scratch / "curl.mp4")
+                run_ours(url, scratch / "ours.mp4")
+                for i in range(args.rounds):
+                    res.floor.append(disk_floor(scratch, size))
+                    if i % 2 == 0:
+                        c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
+                        o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
+                    else:
+                        o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
+                        c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
+                    if o_sha != c_sha:
+                        raise SystemExit(f"sha256 differs: ours {o_sha}, curl {c_sha}")
+                    res.rounds.append(Round(c, cf, o, of, rss))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
     finally:
-        server.terminate()
-        server.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_simulator(sim)
+        shutil.rmtree(work, ignore_errors=True)
 
-    mb = size / 1e6
-    lines = [
-        f"# Download benchmark ({args.size_mb} MiB, loopback)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Baseline: {baseline_name}. Python {sys.version.split()[0]}, aiohttp "
-        f"{aiohttp.__version__}, {os.cpu_count()} CPUs, load average before the run "
-        f"{load_before:.2f} (other work on the machine skews both columns).",
-        "",
-        "| round | baseline s | ours s | baseline MB/s | ours MB/s | ratio | of which fsync s "
-        "| ratio without fsync | RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for i, (b, o, rss, f) in enumerate(rows, 1):
-        lines.append(
-            f"| {i} | {b:.3f} | {o:.3f} | {mb / b:.0f} | {mb / o:.0f} | {b / o:.2f} | {f:.3f} "
-            f"| {b / (o - f):.2f} | {rss:.1f} |"
-        )
-    med_b = statistics.median(r[0] for r in rows)
-    med_o = statistics.median(r[1] for r in rows)
-    med_rss = statistics.median(r[2] for r in rows)
-    med_f = statistics.median(r[3] for r in rows)
-    max_rss = max(r[2] for r in rows)
-    ratio = med_b / med_o
-    ratio_nofsync = statistics.median(r[0] / (r[1] - r[3]) for r in rows)
-    lines += [
-        f"| **median** | **{med_b:.3f}** | **{med_o:.3f}** | **{mb / med_b:.0f}** "
-        f"| **{mb / med_o:.0f}** | **{ratio:.2f}** | **{med_f:.3f}** "
-        f"| **{ratio_nofsync:.2f}** | **{med_rss:.1f}** |",
-        "",
-        f"- Throughput ratio (ours / baseline, medians): {ratio:.2f} "
-        f"(target ≥ {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'NOT met'})",
-        f"- Peak RSS growth: median {med_rss:.1f} MB, max {max_rss:.1f} MB "
-        f"(target < {TARGET_RSS_MB:.0f} MB: {'met' if max_rss < TARGET_RSS_MB else 'NOT met'})",
-        "- Ours includes the fsync of the file and its directory, the atomic rename and a "
-        "SHA-256 of every byte; curl does none of these. 'ratio without fsync' takes the "
-        "fsync time out of ours.",
-    ]
-    report = "\n".join(lines) + "\n"
-    print(report)
+    text = report(args, command, "curl -o (`curl -s -f -o FILE URL`)", results)
+    print(text)
     if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(report, encoding="utf-8")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

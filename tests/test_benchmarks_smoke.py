@@ -1,16 +1,14 @@
-"""The batch benchmark still runs end to end (tiny N, fast simulated time), so it cannot rot."""
+"""The benchmarks still run end to end (tiny sizes, fast simulated time), so they cannot rot."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("dashscope")
-pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +18,8 @@ class TestBatchBenchmark:
     """``python -m benchmarks.batch`` at N = 20 with every contender and side run."""
 
     def test_runs_all_contenders_and_writes_its_table(self, tmp_path: Path) -> None:
+        pytest.importorskip("dashscope")
+        pytest.importorskip("matplotlib")
         out = tmp_path / "results"
         command = [
             sys.executable,
@@ -63,3 +63,26 @@ class TestBatchBenchmark:
             assert raw["results"][name]["done"] == 20, raw["results"][name]["failures"]
             assert raw["results"][name]["tasks_created"] == 20
         assert raw["memory"]["open_tasks_seen"] == 200
+
+
+@pytest.mark.slow
+class TestDownloadBenchmark:
+    """``python -m benchmarks.download`` on a small video, one round, into a temp directory."""
+
+    def test_compares_with_curl_and_writes_its_table(self, tmp_path: Path) -> None:
+        if shutil.which("curl") is None:
+            pytest.skip("curl is the benchmark's baseline and is not installed")
+        out = tmp_path / "download.md"
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        command = [sys.executable, "-m", "benchmarks.download", "--size-mb", "8"]
+        command += ["--rounds", "1", "--dir", str(scratch), "--out", str(out)]
+        done = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        table = out.read_text()
+        assert "| **median** |" in table
+        assert "ours / curl -o = " in table
+        assert "Peak RSS growth" in table
+        assert list(scratch.iterdir()) == [], "the benchmark left files behind"
