@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import attrs
 import pytest
 from _media_fixtures import FIXED, SUBMIT_PATH, Api, FileServer, job, portrait, wav
 
@@ -179,6 +181,39 @@ class TestMedia:
         assert len(data) == 3 * 20_000
         assert data[4:8] == b"ftyp"
         assert sim.ledger.bytes_served("media") == len(data)
+
+    async def test_big_result_streams_whole_and_ranged(
+        self, files: FileServer, session: aiohttp.ClientSession
+    ) -> None:
+        # Several MiB: served in chunks, not one write; every byte and every range still right.
+        config = attrs.evolve(FIXED, video_bytes_per_second=1_500_000)
+        async with Simulator(config) as big:
+            api = Api(session, big.base_url, big.api_key)
+            task_id, url = await _finished_task(api, big, files)
+            full = big.result_bytes(task_id)
+            assert len(full) == 4_500_000
+            async with session.get(url) as resp:
+                assert resp.headers["Content-Length"] == str(len(full))
+                assert await resp.read() == full
+            async with session.get(url, headers={"Range": "bytes=1048570-"}) as resp:
+                assert resp.status == 206
+                assert await resp.read() == full[1048570:]
+
+    async def test_media_bandwidth_paces_downloads(
+        self, files: FileServer, session: aiohttp.ClientSession
+    ) -> None:
+        # 300 kB at 1 MB/s cannot arrive in less than ~0.3 s (a lower bound: a slow machine
+        # only makes it later). Unpaced, the same bytes take a few milliseconds.
+        config = attrs.evolve(FIXED, video_bytes_per_second=100_000, media_bandwidth=1_000_000)
+        async with Simulator(config) as paced:
+            api = Api(session, paced.base_url, paced.api_key)
+            task_id, url = await _finished_task(api, paced, files)
+            start = time.monotonic()
+            async with session.get(url) as resp:
+                data = await resp.read()
+            elapsed = time.monotonic() - start
+        assert data == paced.result_bytes(task_id)
+        assert elapsed >= 0.25
 
     async def test_range_and_if_range(
         self, api: Api, sim: Simulator, files: FileServer, session: aiohttp.ClientSession

@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-validate", action="store_true", help="do not download and sniff the inputs"
     )
+    parser.add_argument(
+        "--media-mbps",
+        type=float,
+        default=None,
+        help="bandwidth of each result download in Mbit/s (default: unlimited)",
+    )
     return parser
 
 
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         submit_qps=args.submit_qps,
         task_qps=args.task_qps,
         validate_inputs=not args.no_validate,
+        media_bandwidth=None if args.media_mbps is None else args.media_mbps * 125_000,
         faults=FaultConfig(seed=args.seed),
     )
 

@@ -904,13 +904,15 @@ class SimState:
             response.content_type = "video/mp4"
             response.content_length = len(body)
             await response.prepare(request)
-            await _write_chunks(response, body[:cut])
+            await _write_chunks(response, body[:cut], self.config.media_bandwidth)
             ctx.bytes_sent = cut
             if request.transport is not None:
                 request.transport.close()
             return response
         ctx.bytes_sent = 0 if request.method == "HEAD" else len(body)
-        if request.method == "HEAD" or len(body) <= _MEDIA_CHUNK:
+        if request.method == "HEAD" or (
+            len(body) <= _MEDIA_CHUNK and self.config.media_bandwidth is None
+        ):
             return web.Response(
                 body=bytes(body), status=status, headers=headers, content_type="video/mp4"
             )
@@ -920,14 +922,23 @@ class SimState:
         response.content_type = "video/mp4"
         response.content_length = len(body)
         await response.prepare(request)
-        await _write_chunks(response, body)
+        await _write_chunks(response, body, self.config.media_bandwidth)
         await response.write_eof()
         return response
 
 
-async def _write_chunks(response: web.StreamResponse, body: memoryview) -> None:
-    for offset in range(0, len(body), _MEDIA_CHUNK):
-        await response.write(body[offset : offset + _MEDIA_CHUNK])
+async def _write_chunks(
+    response: web.StreamResponse, body: memoryview, bandwidth: float | None
+) -> None:
+    chunk = _MEDIA_CHUNK if bandwidth is None else max(1, min(_MEDIA_CHUNK, int(bandwidth / 50)))
+    start = time.monotonic()
+    for offset in range(0, len(body), chunk):
+        if bandwidth is not None:
+            # Paced on the total so far, so sleep granularity does not add up.
+            ahead = start + offset / bandwidth - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        await response.write(body[offset : offset + chunk])
 
 
 def _policy_failed(condition: str) -> str:

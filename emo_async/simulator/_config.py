@@ -141,6 +141,8 @@ class SimulatorConfig:
         validate_inputs: Download and sniff the inputs (image format, size, audio duration).
         content_rules: sha256 (hex) of image bytes → content error code (see the package doc).
         fetch_timeout: Real seconds allowed to download one input.
+        media_bandwidth: Bytes per real second of each result download (None = as fast as the
+            machine goes), to play a real link: OSS to a client rarely exceeds 1 Gbit/s.
     """
 
     api_keys: frozenset[str] = attrs.field(
@@ -172,6 +174,7 @@ class SimulatorConfig:
     validate_inputs: bool = True
     content_rules: Mapping[str, str] = attrs.field(factory=dict, converter=_content_rules)
     fetch_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0.0))
+    media_bandwidth: float | None = attrs.field(default=None, validator=_optional_rate)
 
     def qps(self, endpoint: str) -> float | None:
         """The configured rate limit of an endpoint (None = unlimited)."""
