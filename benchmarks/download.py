@@ -22,7 +22,9 @@ What is compared, so that the figures mean something on a noisy VM:
 
 On a disk whose durable write rate is below curl's page-cache rate, the ratio to ``curl -o``
 is bounded by ``floor / curl``, whatever the downloader does; the report prints that bound. A
-tmpfs directory (``/dev/shm``) takes the disk out and measures the downloader itself.
+tmpfs directory (``/dev/shm``) takes the disk out and measures the downloader itself. Each run
+is made on an unlimited loopback link and on a 1 Gbit/s one (``--mbps``; the simulator paces
+its media host): OSS serves a single download well below that.
 """
 
 from __future__ import annotations
@@ -175,8 +177,11 @@ def run_ours(url: str, dest: Path) -> tuple[float, float, float, str]:
     return elapsed, fsync_time, rss.growth_mb, sha256
 
 
-def start_simulator(size_mb: int, work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    """The simulator in its own process, its results ``size_mb`` MiB; (process, URL, key)."""
+def start_simulator(
+    size_mb: int, work: Path, mbps: float = 0.0
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """The simulator in its own process, its results ``size_mb`` MiB, served at ``mbps``
+    Mbit/s (0 = unlimited); returns (process, base URL, API key)."""
     time_scale = 0.001
     config = {
         "time_scale": time_scale,
@@ -188,6 +193,7 @@ def start_simulator(size_mb: int, work: Path) -> tuple[subprocess.Popen[bytes], 
         "processing_per_audio_second": 0.0,
         "processing_jitter": 0.0,
         "video_bytes_per_second": size_mb * (1 << 20) // _SIM_AUDIO_SECONDS,
+        "media_bandwidth": mbps * 125_000 if mbps > 0 else None,
     }
     argv = [sys.executable, "-m", "benchmarks._sim_proc", "--config", json.dumps(config)]
     proc = subprocess.Popen(
@@ -258,7 +264,7 @@ def report(args: argparse.Namespace, command: str, baseline: str, results: list[
         rounds = res.rounds
         floor = _median(res.floor)
         lines += [
-            f"## {res.label}: `{res.path}`",
+            f"## {res.label}",
             "",
             "| round | curl -o s | curl -o + fsync s | ours s | of which fsync s | "
             "ours / curl -o | ours / (curl -o + fsync) | RSS growth MB |",
@@ -317,6 +323,27 @@ def _label(path: Path) -> str:
     return f"{fs} ({'memory' if fs == 'tmpfs' else 'disk'})"
 
 
+def measure(res: DirResult, curl: str, url: str, size: int, rounds: int) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="emo-dl-", dir=res.path))
+    try:
+        # Warm-up: connection setup, the simulator's video cache, one-time allocations.
+        run_curl(curl, url, scratch / "curl.mp4")
+        run_ours(url, scratch / "ours.mp4")
+        for i in range(rounds):
+            res.floor.append(disk_floor(scratch, size))
+            if i % 2 == 0:
+                c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
+                o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
+            else:
+                o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
+                c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
+            if o_sha != c_sha:
+                raise SystemExit(f"sha256 differs: ours {o_sha}, curl {c_sha}")
+            res.rounds.append(Round(c, cf, o, of, rss))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size-mb", type=int, default=200)
@@ -328,14 +355,25 @@ def main() -> None:
         dest="dirs",
         help="where the files go (repeatable; default: the temp dir and /dev/shm if writable)",
     )
+    parser.add_argument(
+        "--mbps",
+        type=float,
+        action="append",
+        help="bandwidth of the simulator's media host in Mbit/s, 0 = unlimited (repeatable; "
+        "default: 0 and 1000)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
     parser.add_argument("--no-write", action="store_true", help="print the report only")
     args = parser.parse_args()
+    explicit_mbps = args.mbps is not None
+    args.mbps = args.mbps or [0.0, 1000.0]
     command = f"python -m benchmarks.download --size-mb {args.size_mb}"
     if args.rounds != 5:
         command += f" --rounds {args.rounds}"
     for d in args.dirs or ():
         command += f" --dir {d}"
+    if explicit_mbps:
+        command += "".join(f" --mbps {m:g}" for m in args.mbps)
     curl = shutil.which("curl")
     if curl is None:
         raise SystemExit("curl is not installed: the baseline of this benchmark is `curl -o`")
@@ -343,31 +381,20 @@ def main() -> None:
     args.load_before = os.getloadavg()[0]
 
     work = Path(tempfile.mkdtemp(prefix="emo-dl-bench-"))
-    results = [DirResult(path=d, label=_label(d)) for d in (args.dirs or default_dirs())]
-    sim, base_url, api_key = start_simulator(args.size_mb, work)
+    results: list[DirResult] = []
     try:
-        url = anyio.run(make_video, base_url, api_key)
-        for res in results:
-            scratch = Path(tempfile.mkdtemp(prefix="emo-dl-", dir=res.path))
+        for mbps in args.mbps:
+            link = f"{mbps:g} Mbit/s link" if mbps > 0 else "unlimited loopback"
+            sim, base_url, api_key = start_simulator(args.size_mb, work, mbps)
             try:
-                # Warm-up: connection setup, the simulator's video cache, one-time allocations.
-                run_curl(curl, url, scratch / "curl.mp4")
-                run_ours(url, scratch / "ours.mp4")
-                for i in range(args.rounds):
-                    res.floor.append(disk_floor(scratch, size))
-                    if i % 2 == 0:
-                        c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
-                        o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
-                    else:
-                        o, of, rss, o_sha = run_ours(url, scratch / "ours.mp4")
-                        c, cf, c_sha = run_curl(curl, url, scratch / "curl.mp4")
-                    if o_sha != c_sha:
-                        raise SystemExit(f"sha256 differs: ours {o_sha}, curl {c_sha}")
-                    res.rounds.append(Round(c, cf, o, of, rss))
+                url = anyio.run(make_video, base_url, api_key)
+                for directory in args.dirs or default_dirs():
+                    res = DirResult(directory, f"{link}, {_label(directory)} `{directory}`")
+                    results.append(res)
+                    measure(res, curl, url, size, args.rounds)
             finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+                stop_simulator(sim)
     finally:
-        stop_simulator(sim)
         shutil.rmtree(work, ignore_errors=True)
 
     text = report(args, command, "curl -o (`curl -s -f -o FILE URL`)", results)

@@ -77,12 +77,14 @@ class TestDownloadBenchmark:
         scratch.mkdir()
         command = [sys.executable, "-m", "benchmarks.download", "--size-mb", "8"]
         command += ["--rounds", "1", "--dir", str(scratch), "--out", str(out)]
+        command += ["--mbps", "0", "--mbps", "400"]
         done = subprocess.run(
             command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
         )
         assert done.returncode == 0, done.stderr[-4000:]
         table = out.read_text()
-        assert "| **median** |" in table
+        assert table.count("| **median** |") == 2
+        assert "400 Mbit/s link" in table
         assert "ours / curl -o = " in table
         assert "Peak RSS growth" in table
         assert list(scratch.iterdir()) == [], "the benchmark left files behind"
