@@ -190,6 +190,7 @@ class Client(AsyncContextManagerMixin):
         self._policies: dict[str, _Policy] = {}
         self._policy_lock = anyio.Lock()
         self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime]] = {}
+        self._upload_proxies: dict[str, str | None] = {}
         self._inflight: dict[Any, anyio.Event] = {}
         self._detections: dict[tuple[str, str], Detection] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -227,8 +228,10 @@ class Client(AsyncContextManagerMixin):
             trust_env=False,
             trace_configs=[make_trace_config()],
         )
+        # Uploads: the environment's proxy is read once per upload host (see _upload_proxy)
+        # rather than by aiohttp on every upload (two thread hops each, with .netrc).
         ext_session = aiohttp.ClientSession(
-            trust_env=True,
+            trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": ua},
             timeout=aiohttp.ClientTimeout(
@@ -498,6 +501,9 @@ class Client(AsyncContextManagerMixin):
     # -- uploads -----------------------------------------------------------------------------
 
     async def _policy(self, model: str) -> Mapping[str, Any]:
+        cached = self._policies.get(model)
+        if cached is not None and cached.expires - time.monotonic() > cached.margin:
+            return cached.data  # the common case, without taking the lock
         async with self._policy_lock:
             cached = self._policies.get(model)
             if cached is not None and cached.expires - time.monotonic() > cached.margin:
@@ -536,8 +542,14 @@ class Client(AsyncContextManagerMixin):
         digest = await anyio.to_thread.run_sync(sha256_file, p)
         return await self.upload_digest(p, digest, model=model)
 
-    async def upload_digest(self, path: Path, digest: str, *, model: str = EMO_MODEL) -> str:
-        """:meth:`upload` for a file whose SHA-256 the caller already knows."""
+    async def upload_digest(
+        self, path: Path, digest: str, *, model: str = EMO_MODEL, content: bytes | None = None
+    ) -> str:
+        """:meth:`upload` for a file whose SHA-256 the caller already knows.
+
+        ``content``: the file's bytes (those ``digest`` was computed from), when the caller has
+        them already: they are sent as they are, without reading the file again.
+        """
         cache_key = (digest, model)
         while True:
             hit = self._uploads.get(cache_key)
@@ -551,7 +563,7 @@ class Client(AsyncContextManagerMixin):
         self._inflight[("upload", cache_key)] = event
         try:
             async with self._upload_slots:
-                url = await self._upload_once(path, digest, model)
+                url = await self._upload_once(path, digest, model, content)
             self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + _UPLOAD_VALIDITY)
             return url
         finally:
@@ -584,8 +596,19 @@ class Client(AsyncContextManagerMixin):
         }
         return host, key, fields
 
-    async def _upload_once(self, path: Path, digest: str, model: str) -> str:
-        size = (await anyio.Path(path).stat()).st_size
+    def _upload_proxy(self, host: str) -> str | None:
+        if host not in self._upload_proxies:
+            self._upload_proxies[host] = env_proxy(host)
+        return self._upload_proxies[host]
+
+    async def _upload_once(
+        self, path: Path, digest: str, model: str, content: bytes | None = None
+    ) -> str:
+        if content is not None:
+            size = len(content)
+        else:
+            # One thread hop: the size, and the bytes themselves when the file is small.
+            size, content = await anyio.to_thread.run_sync(_read_small, path, _SMALL_UPLOAD)
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         used = await self._policy(model)
         host, key, fields = self._form(used, path, digest, mime)
@@ -594,14 +617,15 @@ class Client(AsyncContextManagerMixin):
         attempt = 0
         refreshed = False
         while True:
-            writer = aiohttp.MultipartWriter("form-data")
-            for name, value in fields.items():
-                part = writer.append(value)
-                part.set_content_disposition("form-data", name=name)
-            file_part = writer.append_payload(_FilePayload(path, size, mime))
-            file_part.set_content_disposition("form-data", name="file", filename=path.name)
+            form = _Form(fields, path, size, mime, content)
             try:
-                async with session.post(host, data=writer, allow_redirects=False) as resp:
+                async with session.post(
+                    host,
+                    data=form.body,
+                    headers={"Content-Type": form.content_type},
+                    allow_redirects=False,
+                    proxy=self._upload_proxy(host),
+                ) as resp:
                     text = (await resp.content.read(4096)).decode("utf-8", "replace")
                     status = resp.status
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -800,9 +824,48 @@ class Client(AsyncContextManagerMixin):
             )
 
 
-class _FilePayload(aiohttp.payload.Payload):
-    """A file streamed from disk in worker threads, its size known up front (so the form has a
-    Content-Length, as OSS expects).
+#: Files up to this size are read in one go and sent as one buffer; larger ones are streamed.
+_SMALL_UPLOAD = 1 << 20
+
+
+def _read_small(path: Path, limit: int) -> tuple[int, bytes | None]:
+    """The size of ``path``, and its bytes when it holds at most ``limit``."""
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+        if len(data) > limit:
+            return os.fstat(f.fileno()).st_size, None
+    return len(data), data
+
+
+class _Form:
+    """The upload's multipart form, built by hand: the fields and the file part's header are one
+    buffer, so a small file goes out in one write instead of aiohttp's two per field."""
+
+    def __init__(
+        self, fields: Mapping[str, str], path: Path, size: int, mime: str, content: bytes | None
+    ) -> None:
+        from aiohttp.helpers import content_disposition_header
+
+        boundary = uuid.uuid4().hex
+        self.content_type = f"multipart/form-data; boundary={boundary}"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in fields.items()
+        ]
+        disposition = content_disposition_header("form-data", name="file", filename=path.name)
+        parts.append(
+            f"--{boundary}\r\nContent-Type: {mime}\r\nContent-Disposition: {disposition}\r\n\r\n"
+        )
+        head = "".join(parts).encode("utf-8")
+        tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+        self.body: bytes | _StreamedForm = (
+            head + content + tail if content is not None else _StreamedForm(head, path, size, tail)
+        )
+
+
+class _StreamedForm(aiohttp.payload.Payload):
+    """A form whose file is streamed from disk in worker threads, its size known up front (so
+    the form has a Content-Length, as OSS expects).
 
     Each chunk is read by a thread that opens and closes the file itself: aiohttp cancels the
     writer when the upload host answers early (a 5xx before the body is read), and a file
@@ -811,14 +874,13 @@ class _FilePayload(aiohttp.payload.Payload):
 
     _CHUNK = 1 << 18
 
-    def __init__(self, path: Path, size: int, content_type: str) -> None:
-        super().__init__(path, content_type=content_type)
-        self._path = path
-        self._size = size
+    def __init__(self, head: bytes, path: Path, size: int, tail: bytes) -> None:
+        super().__init__(path, content_type=None)
+        self._head, self._path, self._file_size, self._tail = head, path, size, tail
 
     @property
     def size(self) -> int | None:
-        return self._size
+        return len(self._head) + self._file_size + len(self._tail)
 
     async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)
@@ -826,17 +888,17 @@ class _FilePayload(aiohttp.payload.Payload):
     async def write_with_length(
         self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
     ) -> None:
-        remaining = content_length
+        await writer.write(self._head)
         offset = 0
-        while remaining is None or remaining > 0:
-            want = self._CHUNK if remaining is None else min(self._CHUNK, remaining)
+        while offset < self._file_size:
+            want = min(self._CHUNK, self._file_size - offset)
             data = await anyio.to_thread.run_sync(_read_at, self._path, offset, want)
             if not data:
-                return
+                # Shorter than announced: fail the request rather than leave it hanging.
+                raise aiohttp.ClientPayloadError(f"{self._path.name} shrank during its upload")
             await writer.write(data)
             offset += len(data)
-            if remaining is not None:
-                remaining -= len(data)
+        await writer.write(self._tail)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("a file upload is not text")

@@ -1,10 +1,14 @@
 """The durable batch journal: what was asked, what was sent, what came back.
 
 A crashed or interrupted batch resumes from here without paying twice. The journal is one SQLite
-file in WAL mode with ``synchronous=FULL``: every ``record_*`` call is a single statement that is
-committed (and fsynced) before it returns, so an intent awaited before the billed POST survives a
-SIGKILL or a power cut. Besides the jobs it caches detections (per portrait and ratio) and upload
-URLs (per content and model, with their expiry).
+file in WAL mode with ``synchronous=FULL``: every ``record_*`` call is committed (and fsynced)
+before it returns, so an intent awaited before the billed POST survives a SIGKILL or a power cut.
+Besides the jobs it caches detections (per portrait and ratio) and upload URLs (per content and
+model, with their expiry).
+
+The connection lives on one thread of its own. Writes queued at the same moment (many jobs of a
+batch at once) share one transaction and one fsync, and the event loop hears back once for all of
+them (group commit); each caller still resumes only after its own write is committed.
 
 One process at a time: ``open_journal`` takes an exclusive ``flock`` on ``<journal>.lock``, which
 the kernel drops when the process dies, so a killed batch never leaves a stale lock behind.
@@ -13,6 +17,7 @@ the kernel drops when the process dies, so a killed batch never leaves a stale l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as _dt
 import enum
@@ -20,14 +25,17 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import queue
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-import aiosqlite
 import anyio
 import anyio.to_thread
 import attrs
@@ -46,6 +54,8 @@ __all__ = [
     "open_journal",
     "read_summary",
 ]
+
+logger = logging.getLogger("emo_async.journal")
 
 SCHEMA_NAME: Final = "emo_async.journal"
 SCHEMA_VERSION: Final = 1
@@ -421,11 +431,12 @@ def _check_header(path: Path) -> bool:
     return True
 
 
-async def _check_schema(conn: aiosqlite.Connection, path: Path) -> bool:
+def _check_schema(conn: sqlite3.Connection, path: Path) -> bool:
     """Validate our meta and tables. False: an SQLite file without any table (a fresh one)."""
     try:
-        async with conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as cur:
-            tables = {row[0] for row in await cur.fetchall()}
+        tables = {
+            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
         if not tables:
             return False
         if "meta" not in tables:
@@ -434,8 +445,7 @@ async def _check_schema(conn: aiosqlite.Connection, path: Path) -> bool:
                 f"{path} is an SQLite database but not an emo_async journal (it has tables:"
                 f" {shown}); it was left untouched"
             )
-        async with conn.execute("SELECT name, value FROM meta") as cur:
-            meta = {str(row[0]): str(row[1]) for row in await cur.fetchall()}
+        meta = {str(row[0]): str(row[1]) for row in conn.execute("SELECT name, value FROM meta")}
     except sqlite3.Error as exc:
         raise JournalCorruptError(
             f"{path} is damaged or not an emo_async journal ({exc}); it was left untouched"
@@ -466,35 +476,333 @@ async def _check_schema(conn: aiosqlite.Connection, path: Path) -> bool:
     return True
 
 
-async def _connect(path: Path, *, read_only: bool) -> aiosqlite.Connection:
-    # aiosqlite runs the stdlib sqlite3 connection on its own thread and hands results back
-    # through futures: a commit's fsync never blocks the event loop.
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; the journal's thread opens its own.
     if read_only:
-        conn = await aiosqlite.connect(path.as_uri() + "?mode=ro", uri=True, isolation_level=None)
+        conn = sqlite3.connect(path.as_uri() + "?mode=ro", uri=True, isolation_level=None)
     else:
-        # isolation_level=None: no implicit transactions, so each statement commits on its own.
-        conn = await aiosqlite.connect(path, isolation_level=None)
+        conn = sqlite3.connect(path, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
-        async with conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}"):
-            pass
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
     except BaseException:
-        await conn.close()
+        conn.close()
         raise
     return conn
 
 
-async def _validated_read_only(path: Path) -> tuple[aiosqlite.Connection, bool]:
+def _inspect(path: Path) -> bool:
+    """Whether ``path`` already holds our journal (False: absent, empty or a fresh SQLite file).
+
+    A file with data is looked at through a read-only connection: a foreign database is never
+    opened for writing, so nothing (not even a checkpoint) can change it.
+    """
+    if not _check_header(path):
+        return False
     try:
-        conn = await _connect(path, read_only=True)
+        conn = _connect(path, read_only=True)
     except sqlite3.Error as exc:
         raise JournalCorruptError(f"cannot open journal {path} ({exc})") from None
     try:
-        ours = await _check_schema(conn, path)
-    except BaseException:
-        await conn.close()
-        raise
-    return conn, ours
+        return _check_schema(conn, path)
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The journal's connection and its thread.
+
+_T = TypeVar("_T")
+
+_READ: Final = 0
+_WRITE: Final = 1
+#: Run alone, outside any transaction: opening, pragmas, the schema script, closing.
+_ALONE: Final = 2
+#: The most calls one transaction takes in.
+_GROUP_MAX: Final = 256
+
+
+class _Call:
+    __slots__ = ("deferred", "fn", "future", "kind", "loop", "ok", "patience", "value")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        kind: int,
+        loop: asyncio.AbstractEventLoop,
+        deferred: list[Callable[[sqlite3.Connection], object]] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.kind = kind
+        self.loop = loop
+        #: Writes nobody waits for, run just before ``fn`` in the same transaction.
+        self.deferred = deferred
+        #: Seconds this write's commit may wait for other writes to share it.
+        self.patience = 0.0
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.ok = False
+        self.value: Any = None
+
+
+def _deliver(calls: list[_Call]) -> None:
+    for call in calls:
+        if not call.future.done():  # a cancelled reader no longer waits
+            if call.ok:
+                call.future.set_result(call.value)
+            else:
+                call.future.set_exception(call.value)
+
+
+class _Connection:
+    """An SQLite connection owned by one thread, called from the event loop.
+
+    Calls run in the order they were made. The thread takes every call already queued when it
+    gets to work (up to ``_GROUP_MAX``) and runs the writes among them in one transaction: one
+    ``BEGIN IMMEDIATE`` ... ``COMMIT``, so one fsync, and one wake-up of the event loop for
+    the whole group. A write's caller resumes only once that transaction is committed. Each
+    write runs in a savepoint, so a write that raises (an unknown key, a constraint) leaves
+    no trace and does not undo its neighbours. An error that ends the whole transaction (a
+    full disk, an I/O error) or a failed ``COMMIT`` fails every write of the group: none of
+    them is reported committed unless it is. A write alone in its group runs in autocommit
+    mode, so a write call must make at most one modifying statement (each of the journal's
+    does; reads around it are fine).
+
+    A patient write (``patience`` > 0) waits up to that long for others to join its group,
+    and goes at once when a call comes that may not wait. :meth:`defer` queues a write nobody
+    waits for (a cache entry, a job that has cost nothing yet): it costs no commit and no thread
+    hop of its own, and runs at the start of the next call, in its transaction, or when the
+    connection closes.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool) -> None:
+        self._path = path
+        self._read_only = read_only
+        self._db: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[_Call] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._deferred: list[Callable[[sqlite3.Connection], object]] = []
+        self.closed = False
+
+    @classmethod
+    async def open(cls, path: Path, *, read_only: bool = False) -> _Connection:
+        conn = cls(path, read_only=read_only)
+        # A daemon thread: a journal nobody closed must not keep the interpreter alive.
+        conn._thread = threading.Thread(target=conn._serve, name="emo-journal", daemon=True)
+        conn._thread.start()
+        try:
+            await conn._call(conn._connect, _ALONE)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+            raise
+        return conn
+
+    def _connect(self, _: Any) -> None:
+        self._db = _connect(self._path, read_only=self._read_only)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` on the connection (not cancel-shielded: a cancelled read is dropped)."""
+        return await self._call(fn, _READ)
+
+    async def write(self, fn: Callable[[sqlite3.Connection], _T], *, patience: float = 0.0) -> _T:
+        """Run ``fn`` in a transaction; return once it is committed (even when cancelled).
+
+        ``patience``: seconds the commit may wait for other writes to share it (it goes as soon
+        as a write comes that may not wait).
+        """
+        with anyio.CancelScope(shield=True):
+            result = await self._call(fn, _WRITE, patience=patience)
+        return result
+
+    async def alone(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn`` outside any transaction (pragmas, scripts), shielded."""
+        with anyio.CancelScope(shield=True):
+            result = await self._call(fn, _ALONE)
+        return result
+
+    def defer(self, fn: Callable[[sqlite3.Connection], object]) -> None:
+        """Have ``fn`` (one modifying statement) run first in the next call's transaction."""
+        self._deferred.append(fn)
+
+    async def close(self) -> None:
+        """Run what is queued, close the connection and end the thread. Safe to call twice."""
+        if self.closed:
+            return
+        self.closed = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        with anyio.CancelScope(shield=True):
+            if self._deferred:
+                try:
+                    await self._call(_nothing, _WRITE)
+                except Exception as exc:
+                    # Deferred writes are caches and jobs nothing was spent on: losing them
+                    # costs a repeated upload or detection, never money.
+                    logger.warning("journal %s: deferred writes were lost: %s", self._path, exc)
+            # Answered after the connection is closed; the thread ends right after.
+            await self._call(self._close, _ALONE)
+
+    def _close(self, _: Any) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+        raise _Stop
+
+    def _call(
+        self, fn: Callable[[sqlite3.Connection], _T], kind: int, *, patience: float = 0.0
+    ) -> asyncio.Future[_T]:
+        loop = asyncio.get_running_loop()
+        if self._deferred and kind != _ALONE:
+            deferred, self._deferred = self._deferred, []
+            call = _Call(fn, _WRITE, loop, deferred)
+        else:
+            call = _Call(fn, kind, loop)
+        call.patience = patience
+        self._queue.put(call)
+        return call.future
+
+    # -- the thread
+
+    def _serve(self) -> None:
+        carry: _Call | None = None
+        while True:
+            first = carry if carry is not None else self._queue.get()
+            carry = None
+            if first.kind == _ALONE:
+                if self._run_alone(first):
+                    return
+                continue
+            group = [first]
+            # A patient write waits for company until this moment (or an impatient call).
+            until = time.monotonic() + first.patience if first.patience > 0 else None
+            while len(group) < _GROUP_MAX:
+                try:
+                    if until is None:
+                        nxt = self._queue.get_nowait()
+                    else:
+                        nxt = self._queue.get(timeout=max(0.0, until - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt.kind == _ALONE:
+                    carry = nxt
+                    break
+                group.append(nxt)
+                if nxt.patience <= 0:
+                    until = None  # someone may not wait: take what is queued and go
+            self._run_group(group)
+
+    def _post(self, calls: list[_Call]) -> None:
+        loop = calls[0].loop
+        if all(call.loop is loop for call in calls):
+            batches = [(loop, calls)]
+        else:  # pragma: no cover - one journal used from two event loops
+            batches = [(call.loop, [call]) for call in calls]
+        for target, some in batches:
+            with contextlib.suppress(RuntimeError):  # that event loop is closed
+                target.call_soon_threadsafe(_deliver, some)
+
+    def _run_alone(self, call: _Call) -> bool:
+        stop = False
+        try:
+            call.value = call.fn(self._db)  # type: ignore[arg-type]
+            call.ok = True
+        except _Stop:
+            call.ok, stop = True, True
+        except Exception as exc:
+            call.value = exc
+        self._post([call])
+        return stop
+
+    def _run_group(self, group: list[_Call]) -> None:
+        db = self._db
+        if db is None:
+            for call in group:
+                call.value = sqlite3.ProgrammingError("the journal's connection is closed")
+            self._post(group)
+            return
+        if sum(call.kind == _WRITE for call in group) < 2 and not any(c.deferred for c in group):
+            # Nothing to share: each statement commits on its own (the common case when jobs
+            # trickle in), without the cost of a transaction and savepoint around it.
+            for call in group:
+                try:
+                    call.value, call.ok = call.fn(db), True
+                except Exception as exc:
+                    call.value = exc
+            self._post(group)
+            return
+        in_txn: list[_Call] = []  # the calls whose fate depends on the open transaction
+        for call in group:
+            if call.kind == _WRITE and not in_txn:
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                except Exception as exc:
+                    call.value = exc
+                    continue
+            if call.kind == _READ:
+                if in_txn:
+                    in_txn.append(call)
+                try:
+                    call.value, call.ok = call.fn(db), True
+                except Exception as exc:
+                    call.value = exc
+            else:
+                in_txn.append(call)
+                for write in call.deferred or ():
+                    ok, value = _step(db, write)
+                    if not ok:
+                        # The call may depend on it (an intent on a job registered just
+                        # before): it fails with it, the other deferred writes stay.
+                        call.value = value
+                        break
+                else:
+                    call.ok, call.value = _step(db, call.fn)
+            if in_txn and not db.in_transaction:
+                # SQLite gave up the whole transaction (a full disk, an I/O error): every write
+                # made in it is lost, none may be reported committed.
+                lost = call.value if not call.ok else sqlite3.OperationalError("rolled back")
+                _fail(in_txn, lost)
+                in_txn = []
+        if in_txn:
+            try:
+                db.execute("COMMIT")
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                _fail(in_txn, exc)
+        self._post(group)
+
+
+def _step(db: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> tuple[bool, Any]:
+    """Run ``fn`` in a savepoint of the open transaction: all of it, or none of it."""
+    try:
+        db.execute("SAVEPOINT journal_call")
+        try:
+            return True, fn(db)
+        except Exception as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK TO journal_call")
+            return False, exc
+        finally:
+            if db.in_transaction:
+                db.execute("RELEASE journal_call")
+    except Exception as exc:
+        return False, exc
+
+
+class _Stop(Exception):
+    """Ends the journal's thread (raised by the closing call)."""
+
+
+def _nothing(db: sqlite3.Connection) -> None:
+    return None
+
+
+def _fail(calls: list[_Call], exc: BaseException) -> None:
+    for call in calls:
+        if call.ok:
+            call.ok, call.value = False, exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,14 +875,28 @@ class Journal:
     transition that would lose information (a ``done`` job never moves back; a job with a task
     never gets a second intent unless it ended without a video).
 
+    The journal's lock makes this process its only writer, so what it already knows is kept in
+    memory rather than queried again: the detection and upload caches, and which keys exist.
+    Writes that need no commit of their own (a cache entry, a job that has cost nothing yet) are
+    made with the next write; every other write is committed before its method returns.
+
     Attributes:
         path: The journal file.
+        commit_delay: Seconds that :meth:`record_finished`, :meth:`record_done` and
+            :meth:`record_terminal` may wait, before committing, for other writes to share
+            their commit (and its fsync); they still return only once committed. 0 (the
+            default) commits at once; a batch raises it while it runs, where writes come every
+            few tens of milliseconds. Intents and task ids never wait.
     """
 
-    def __init__(self, path: Path, conn: aiosqlite.Connection, lock_fd: int) -> None:
+    def __init__(self, path: Path, conn: _Connection, lock_fd: int) -> None:
         self.path = path
-        self._conn: aiosqlite.Connection | None = conn
+        self.commit_delay = 0.0
+        self._conn: _Connection | None = conn
         self._lock_fd: int | None = lock_fd
+        self._detections: dict[tuple[str, str], Detection] = {}
+        self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime | None]] = {}
+        self._keys: set[str] | None = None  # None: not loaded, ask the database
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else "open"
@@ -593,19 +915,15 @@ class Journal:
         if not target.name:
             raise JournalError(f"journal path {os.fspath(path)!r} names no file")
         lock_fd = await anyio.to_thread.run_sync(_acquire_lock, target)
-        conn: aiosqlite.Connection | None = None
+        conn: _Connection | None = None
         try:
             with anyio.CancelScope(shield=True):
-                has_data = await anyio.to_thread.run_sync(_check_header, target)
-                ours = False
-                if has_data:
-                    # Look through a read-only connection first: a foreign database is never
-                    # opened for writing, so nothing (not even a checkpoint) can change it.
-                    ro, ours = await _validated_read_only(target)
-                    await ro.close()
+                ours = await anyio.to_thread.run_sync(_inspect, target)
                 try:
-                    conn = await _connect(target, read_only=False)
-                    await _prepare(conn, target, create=not ours, check=ours)
+                    conn = await _Connection.open(target)
+                    caches = await conn.alone(
+                        lambda db: _prepare(db, target, create=not ours, check=ours)
+                    )
                 except sqlite3.Error as exc:
                     name = getattr(exc, "sqlite_errorname", "") or ""
                     if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
@@ -618,7 +936,9 @@ class Journal:
             os.close(lock_fd)
             raise
         assert conn is not None
-        return cls(target, conn, lock_fd)
+        journal = cls(target, conn, lock_fd)
+        journal._detections, journal._uploads, journal._keys = caches
+        return journal
 
     async def aclose(self) -> None:
         """Close the database and release the lock. Safe to call twice."""
@@ -645,37 +965,44 @@ class Journal:
 
     # ---- plumbing
 
-    def _db(self) -> aiosqlite.Connection:
+    def _db(self) -> _Connection:
         if self._conn is None:
             raise JournalError(f"journal {self.path} is closed")
         return self._conn
 
-    async def _write(self, sql: str, params: Iterable[Any], doing: str) -> int:
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection], _T], doing: str, *, patient: bool = False
+    ) -> _T:
+        """Run ``fn`` in a transaction on the journal's thread; return once it is committed.
+
+        Shielded: once a write is queued it runs anyway, so its caller waits to learn it did.
+        ``patient``: the commit may wait up to :attr:`commit_delay` to be shared with others.
+        """
         conn = self._db()
-        # Shielded: once a write is queued it runs anyway, so its caller waits to learn it did.
-        changed = 0
-        with anyio.CancelScope(shield=True), _sqlite_errors(self.path, doing):
-            async with conn.execute(sql, tuple(params)) as cur:
-                changed = cur.rowcount
-        return changed
+        with _sqlite_errors(self.path, doing):
+            return await conn.write(fn, patience=self.commit_delay if patient else 0.0)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        conn = self._db()
+        with _sqlite_errors(self.path, "reading"):
+            return await conn.read(fn)
 
     async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        conn = self._db()
-        rows: list[sqlite3.Row] = []
-        with _sqlite_errors(self.path, "reading"):
-            async with conn.execute(sql, tuple(params)) as cur:
-                rows = list(await cur.fetchall())
-        return rows
+        args = tuple(params)
+        return await self._read(lambda db: db.execute(sql, args).fetchall())
 
     async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         rows = await self._fetchall(sql, params)
         return rows[0] if rows else None
 
-    async def _phase(self, key: str) -> tuple[JobPhase, str | None]:
-        row = await self._fetchone("SELECT phase, task_id FROM jobs WHERE key = ?", (key,))
+    def _phase_of(self, db: sqlite3.Connection, key: str) -> tuple[JobPhase, str | None]:
+        row = db.execute("SELECT phase, task_id FROM jobs WHERE key = ?", (key,)).fetchone()
         if row is None:
             raise JournalError(f"journal {self.path} has no job with key {key}")
-        return JobPhase(row["phase"]), row["task_id"]
+        return JobPhase(row[0]), row[1]
+
+    async def _phase(self, key: str) -> tuple[JobPhase, str | None]:
+        return await self._read(lambda db: self._phase_of(db, key))
 
     async def _transition(
         self,
@@ -684,29 +1011,70 @@ class Journal:
         assignments: str,
         params: Iterable[Any],
         doing: str,
-    ) -> bool:
+        *,
+        patient: bool = False,
+    ) -> tuple[JobPhase, str | None] | None:
         """Run ``UPDATE jobs SET <assignments>`` if the job's phase is in ``allowed``.
 
         The phase check is part of the one statement, so it cannot race with another write.
+
+        Returns:
+            None when the job changed; else its ``(phase, task_id)``, read in the same call.
+
+        Raises:
+            JournalError: Unknown key.
         """
         marks = ", ".join("?" for _ in allowed)
         sql = f"UPDATE jobs SET {assignments}, updated_at = ? WHERE key = ? AND phase IN ({marks})"
-        changed = await self._write(sql, [*params, _ts(_now()), key, *allowed], doing)
-        return changed > 0
+        args = (*params, _ts(_now()), key, *allowed)
+
+        def run(db: sqlite3.Connection) -> tuple[JobPhase, str | None] | None:
+            if db.execute(sql, args).rowcount > 0:
+                return None
+            return self._phase_of(db, key)
+
+        return await self._write(run, doing, patient=patient)
 
     # ---- jobs
 
     async def register(self, key: str, job: Job) -> JobRecord:
-        """Add a job as ``new`` if its key is unknown; return its record (unchanged if known)."""
+        """Add a job as ``new`` if its key is unknown; return its record (unchanged if known).
+
+        A new job is written with the journal's next write (at the latest with its intent, in
+        the same transaction): until then nothing has been spent on it, so it needs no commit
+        of its own.
+        """
+        conn = self._db()
         now = _ts(_now())
-        await self._write(
+        text = _job_to_json(job)
+        args = (key, job.display_name, text, JobPhase.NEW, now, now)
+        sql = (
             "INSERT OR IGNORE INTO jobs (key, name, job, phase, created_at, updated_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, job.display_name, _job_to_json(job), JobPhase.NEW, now, now),
-            "registering a job",
+            " VALUES (?, ?, ?, ?, ?, ?)"
         )
-        record = await self.get(key)
-        assert record is not None
+        keys = self._keys
+        if keys is not None and key not in keys:
+            conn.defer(lambda db: db.execute(sql, args))
+            keys.add(key)
+            updated = _parse_ts(now)
+            assert updated is not None
+            # What reading the row back would give (the job as its JSON says).
+            return JobRecord(
+                key=key,
+                name=job.display_name,
+                phase=JobPhase.NEW,
+                job=_job_from_json(text),
+                updated_at=updated,
+            )
+
+        def run(db: sqlite3.Connection) -> JobRecord:
+            db.execute(sql, args)
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE key = ?", (key,)).fetchone()
+            return JobRecord._from_row(row)
+
+        record = await self._write(run, "registering a job")
+        if keys is not None:
+            keys.add(key)
         return record
 
     async def register_many(self, items: Iterable[tuple[str, Job]]) -> int:
@@ -725,15 +1093,19 @@ class Journal:
             for key, job in batch:
                 params += [key, job.display_name, _job_to_json(job), JobPhase.NEW, now, now]
             batch.clear()
-            return await self._write(
+            sql = (
                 "INSERT OR IGNORE INTO jobs (key, name, job, phase, created_at, updated_at)"
-                f" VALUES {values}",
-                params,
-                "registering jobs",
+                f" VALUES {values}"
+            )
+            return await self._write(
+                lambda db: db.execute(sql, params).rowcount, "registering jobs"
             )
 
+        keys = self._keys
         for item in items:
             batch.append(item)
+            if keys is not None:
+                keys.add(item[0])
             if len(batch) >= _INSERT_CHUNK:
                 added += await flush()
         if batch:
@@ -755,7 +1127,7 @@ class Journal:
             JournalError: Unknown key, or the job has a live task or a video (a second submit
                 would pay twice).
         """
-        ok = await self._transition(
+        found = await self._transition(
             key,
             _INTENT_FROM,
             "phase = ?, attempts = attempts + 1, intent_at = ?,"
@@ -766,8 +1138,8 @@ class Journal:
             (JobPhase.INTENT, _ts(at)),
             "recording an intent",
         )
-        if not ok:
-            phase, task_id = await self._phase(key)
+        if found is not None:
+            phase, task_id = found
             raise JournalError(
                 f"job {key} is {phase} (task {task_id}); refusing a second intent, which"
                 " would pay twice"
@@ -785,7 +1157,7 @@ class Journal:
         if not task_id:
             raise ValueError("task_id must be a non-empty string")
         try:
-            ok = await self._transition(
+            found = await self._transition(
                 key,
                 _SUBMITTED_FROM,
                 "phase = ?, task_id = ?, submitted_at = ?, task_status = NULL",
@@ -801,8 +1173,8 @@ class Journal:
                 f"task {task_id} is already recorded for job {owner[0] if owner else '?'};"
                 f" refusing to record it again for job {key}"
             ) from None
-        if not ok:
-            phase, current = await self._phase(key)
+        if found is not None:
+            phase, current = found
             if current == task_id:
                 return
             raise JournalError(
@@ -817,11 +1189,11 @@ class Journal:
         Raises:
             JournalError: Unknown key, or the job has no task yet.
         """
-        ok = await self._transition(
+        found = await self._transition(
             key, (JobPhase.SUBMITTED,), "task_status = ?", (str(status),), "recording a status"
         )
-        if not ok:
-            phase, _ = await self._phase(key)
+        if found is not None:
+            phase, _ = found
             if phase in (JobPhase.NEW, JobPhase.INTENT):
                 raise JournalError(f"job {key} is {phase}: it has no task to have a status")
 
@@ -838,17 +1210,17 @@ class Journal:
         Raises:
             JournalError: Unknown key, or the job is not submitted (or finished).
         """
-        ok = await self._transition(
+        found = await self._transition(
             key,
             _FINISHED_FROM,
             "phase = ?, task_status = 'SUCCEEDED', video_url = ?, url_deadline = ?,"
             " billed_seconds = COALESCE(?, billed_seconds)",
             (JobPhase.FINISHED, video_url, _opt_ts(url_deadline), billed_seconds),
             "recording a finished task",
+            patient=True,
         )
-        if not ok:
-            phase, _ = await self._phase(key)
-            raise JournalError(f"job {key} is {phase}; it cannot be marked finished")
+        if found is not None:
+            raise JournalError(f"job {key} is {found[0]}; it cannot be marked finished")
 
     async def record_done(
         self,
@@ -866,17 +1238,17 @@ class Journal:
         Raises:
             JournalError: Unknown key, or the job has no task or ended without a video.
         """
-        ok = await self._transition(
+        found = await self._transition(
             key,
             _DONE_FROM,
             "phase = ?, path = ?, size = ?, sha256 = ?, error = NULL,"
             " billed_seconds = COALESCE(?, billed_seconds)",
             (JobPhase.DONE, os.fspath(path), int(size), sha256, billed_seconds),
             "recording a download",
+            patient=True,
         )
-        if not ok:
-            phase, _ = await self._phase(key)
-            raise JournalError(f"job {key} is {phase}; it cannot be marked done")
+        if found is not None:
+            raise JournalError(f"job {key} is {found[0]}; it cannot be marked done")
 
     async def record_terminal(
         self,
@@ -895,16 +1267,16 @@ class Journal:
         phase = JobPhase(phase)
         if phase not in _UNSUCCESSFUL:
             raise ValueError(f"record_terminal takes one of {[str(p) for p in _UNSUCCESSFUL]}")
-        ok = await self._transition(
+        found = await self._transition(
             key,
             _TERMINAL_FROM,
             "phase = ?, error = ?, billed_seconds = COALESCE(?, billed_seconds)",
             (phase, _error_to_json(error), billed_seconds),
             f"recording {phase}",
+            patient=True,
         )
-        if not ok:
-            current, _ = await self._phase(key)
-            raise JournalError(f"job {key} is {current}; it cannot be marked {phase}")
+        if found is not None:
+            raise JournalError(f"job {key} is {found[0]}; it cannot be marked {phase}")
 
     async def clear_intent(self, key: str) -> None:
         """Reconciled as "no task was created": back to ``new`` so a resubmit is allowed.
@@ -912,13 +1284,11 @@ class Journal:
         Raises:
             JournalError: Unknown key, or the job is past its intent (it has a task).
         """
-        ok = await self._transition(
+        found = await self._transition(
             key, (JobPhase.INTENT,), "phase = ?, intent_at = NULL", (JobPhase.NEW,), "clearing"
         )
-        if not ok:
-            phase, _ = await self._phase(key)
-            if phase is not JobPhase.NEW:
-                raise JournalError(f"job {key} is {phase}; only an intent can be cleared")
+        if found is not None and found[0] is not JobPhase.NEW:
+            raise JournalError(f"job {key} is {found[0]}; only an intent can be cleared")
 
     async def record_file_missing(self, key: str, *, now: _dt.datetime | None = None) -> JobPhase:
         """A ``done`` job's file is gone: the one sanctioned step back from ``done``.
@@ -937,7 +1307,7 @@ class Journal:
             message="the saved video is missing and its URL has expired",
         )
         stamp = _ts(now or _now())
-        ok = await self._transition(
+        found = await self._transition(
             key,
             (JobPhase.DONE,),
             "phase = CASE WHEN video_url IS NOT NULL"
@@ -948,9 +1318,9 @@ class Journal:
             (stamp, JobPhase.FINISHED, JobPhase.EXPIRED, stamp, _error_to_json(expired)),
             "recording a missing file",
         )
+        if found is not None:
+            raise JournalError(f"job {key} is {found[0]}, not done; its file cannot be missing")
         phase, _ = await self._phase(key)
-        if not ok:
-            raise JournalError(f"job {key} is {phase}, not done; its file cannot be missing")
         return phase
 
     async def unfinished(self) -> list[JobRecord]:
@@ -986,107 +1356,126 @@ class Journal:
 
     async def get_detection(self, image_digest: str, ratio: str) -> Detection | None:
         """The cached detection of a portrait at a ratio, or None."""
-        row = await self._fetchone(
-            "SELECT detection FROM detections WHERE image_digest = ? AND ratio = ?",
-            (image_digest, ratio),
-        )
-        return None if row is None else Detection.from_record(json.loads(row[0]))
+        self._db()
+        return self._detections.get((image_digest, ratio))
 
     async def put_detection(self, image_digest: str, ratio: str, detection: Detection) -> None:
-        """Cache a detection (replacing an earlier one)."""
-        await self._write(
-            "INSERT OR REPLACE INTO detections (image_digest, ratio, detection, created_at)"
-            " VALUES (?, ?, ?, ?)",
-            (image_digest, ratio, json.dumps(detection.to_json()), _ts(_now())),
-            "caching a detection",
+        """Cache a detection (replacing an earlier one), written with the next write."""
+        args = (image_digest, ratio, json.dumps(detection.to_json()), _ts(_now()))
+        self._db().defer(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO detections (image_digest, ratio, detection, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                args,
+            )
         )
+        self._detections[(image_digest, ratio)] = detection
 
     async def get_upload(
         self, digest: str, model: str, *, now: _dt.datetime | None = None
     ) -> str | None:
         """A cached ``oss://`` URL for this content and model still valid for an hour, or None."""
-        row = await self._fetchone(
-            "SELECT url, expires_at FROM uploads WHERE digest = ? AND model = ?", (digest, model)
-        )
-        if row is None:
+        self._db()
+        hit = self._uploads.get((digest, model))
+        if hit is None:
             return None
-        expires = _parse_ts(row["expires_at"])
+        url, expires = hit
         now = now or _now()
         _ts(now)  # refuses a naive time
         if expires is None or expires - now < UPLOAD_MIN_VALIDITY:
             return None
-        return str(row["url"])
+        return url
 
     async def put_upload(
         self, digest: str, model: str, url: str, *, expires_at: _dt.datetime
     ) -> None:
-        """Cache an upload URL with its expiry (replacing an earlier one)."""
-        await self._write(
-            "INSERT OR REPLACE INTO uploads (digest, model, url, expires_at, created_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (digest, model, url, _ts(expires_at), _ts(_now())),
-            "caching an upload",
+        """Cache an upload URL with its expiry (replacing an earlier one), written with the next
+        write."""
+        args = (digest, model, url, _ts(expires_at), _ts(_now()))
+        self._db().defer(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO uploads (digest, model, url, expires_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                args,
+            )
         )
+        self._uploads[(digest, model)] = (url, _parse_ts(args[3]))
 
     # ---- summary
 
     async def summary(self, *, now: _dt.datetime | None = None) -> JournalSummary:
         """Counts by phase, billed seconds, failures and downloads at risk of expiry."""
+        when = now or _now()
         conn = self._db()
         with _sqlite_errors(self.path, "summarising"):
-            return await _summarize(conn, self.path, now or _now())
+            return await conn.read(lambda db: _summarize(db, self.path, when))
 
 
-async def _prepare(conn: aiosqlite.Connection, path: Path, *, create: bool, check: bool) -> None:
-    async with conn.execute("PRAGMA journal_mode = WAL") as cur:
-        await cur.fetchall()
+_Caches = tuple[
+    dict[tuple[str, str], Detection],
+    dict[tuple[str, str], tuple[str, _dt.datetime | None]],
+    set[str],
+]
+
+
+def _prepare(conn: sqlite3.Connection, path: Path, *, create: bool, check: bool) -> _Caches:
+    """Set the pragmas, create or check the schema; return the detection and upload caches and
+    the job keys."""
+    conn.execute("PRAGMA journal_mode = WAL").fetchall()
     # FULL: a WAL commit is fsynced before it returns, so an intent survives a power cut.
-    async with conn.execute("PRAGMA synchronous = FULL"):
-        pass
+    conn.execute("PRAGMA synchronous = FULL")
     if create:
-        # One executescript call is one job on the connection's thread: the schema and its meta
-        # land in one transaction, whole or not at all.
-        await conn.executescript(_SCHEMA)
+        # The schema and its meta land in one transaction, whole or not at all.
+        conn.executescript(_SCHEMA)
     if check:
-        async with conn.execute("PRAGMA quick_check(1)") as cur:
-            rows = [str(row[0]) for row in await cur.fetchall()]
+        rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check(1)")]
         if rows != ["ok"]:
             raise JournalCorruptError(f"journal {path} is damaged: {'; '.join(rows)}")
+    detections: dict[tuple[str, str], Detection] = {}
+    for row in conn.execute("SELECT image_digest, ratio, detection FROM detections"):
+        # A cache: an entry this version cannot read is detected again.
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            detections[(row[0], row[1])] = Detection.from_record(json.loads(row[2]))
+    uploads: dict[tuple[str, str], tuple[str, _dt.datetime | None]] = {}
+    for row in conn.execute("SELECT digest, model, url, expires_at FROM uploads"):
+        with contextlib.suppress(ValueError, TypeError):
+            uploads[(row[0], row[1])] = (str(row[2]), _parse_ts(row[3]))
+    keys = {str(row[0]) for row in conn.execute("SELECT key FROM jobs")}
+    return detections, uploads, keys
 
 
-async def _summarize(conn: aiosqlite.Connection, path: Path, now: _dt.datetime) -> JournalSummary:
-    async with conn.execute("SELECT phase, COUNT(*) FROM jobs GROUP BY phase") as cur:
-        found = {str(row[0]): int(row[1]) for row in await cur.fetchall()}
+def _summarize(conn: sqlite3.Connection, path: Path, now: _dt.datetime) -> JournalSummary:
+    found = {
+        str(row[0]): int(row[1])
+        for row in conn.execute("SELECT phase, COUNT(*) FROM jobs GROUP BY phase")
+    }
     by_phase = {str(p): found.pop(str(p), 0) for p in JobPhase}
     by_phase.update(found)  # a phase from a later version still counts
-    async with conn.execute(
+    billed_row = conn.execute(
         "SELECT COALESCE(SUM(COALESCE(billed_seconds, 0) + billed_earlier), 0) FROM jobs"
-    ) as cur:
-        billed_row = await cur.fetchone()
+    ).fetchone()
     billed = float(billed_row[0]) if billed_row is not None else 0.0
     marks = ", ".join("?" for _ in _UNSUCCESSFUL)
-    async with conn.execute(
-        f"SELECT name, phase, error FROM jobs WHERE phase IN ({marks}) ORDER BY seq",
-        _UNSUCCESSFUL,
-    ) as cur:
-        failures = tuple(
-            (
-                str(row[0]),
-                _error_from_json(row[2])
-                or ErrorInfo(kind=str(row[1]), message="no reason was recorded"),
-            )
-            for row in await cur.fetchall()
+    failures = tuple(
+        (
+            str(row[0]),
+            _error_from_json(row[2])
+            or ErrorInfo(kind=str(row[1]), message="no reason was recorded"),
         )
-    async with conn.execute(
-        "SELECT name, url_deadline FROM jobs WHERE phase = ? AND url_deadline IS NOT NULL"
-        " AND url_deadline <= ? ORDER BY url_deadline",
-        (JobPhase.FINISHED, _ts(now + AT_RISK_WINDOW)),
-    ) as cur:
-        at_risk = tuple(
-            (str(row[0]), deadline)
-            for row in await cur.fetchall()
-            if (deadline := _parse_ts(row[1])) is not None
+        for row in conn.execute(
+            f"SELECT name, phase, error FROM jobs WHERE phase IN ({marks}) ORDER BY seq",
+            _UNSUCCESSFUL,
         )
+    )
+    at_risk = tuple(
+        (str(row[0]), deadline)
+        for row in conn.execute(
+            "SELECT name, url_deadline FROM jobs WHERE phase = ? AND url_deadline IS NOT NULL"
+            " AND url_deadline <= ? ORDER BY url_deadline",
+            (JobPhase.FINISHED, _ts(now + AT_RISK_WINDOW)),
+        )
+        if (deadline := _parse_ts(row[1])) is not None
+    )
     return JournalSummary(
         path=path,
         total=sum(by_phase.values()),
@@ -1111,6 +1500,22 @@ async def open_journal(path: str | os.PathLike[str]) -> AsyncIterator[Journal]:
         await journal.aclose()
 
 
+def _read_summary(target: Path, now: _dt.datetime) -> JournalSummary:
+    if not _check_header(target):
+        raise JournalError(f"no journal at {target} (missing or empty)")
+    try:
+        conn = _connect(target, read_only=True)
+    except sqlite3.Error as exc:
+        raise JournalCorruptError(f"cannot open journal {target} ({exc})") from None
+    try:
+        if not _check_schema(conn, target):
+            raise JournalCorruptError(f"{target} is an empty SQLite database, not a journal")
+        with _sqlite_errors(target, "summarising"):
+            return _summarize(conn, target, now)
+    finally:
+        conn.close()
+
+
 async def read_summary(
     path: str | os.PathLike[str], *, now: _dt.datetime | None = None
 ) -> JournalSummary:
@@ -1121,14 +1526,4 @@ async def read_summary(
         JournalCorruptError: The file is not an emo_async journal, is damaged, or is newer.
     """
     target = await anyio.to_thread.run_sync(_absolute, path)
-    if not await anyio.to_thread.run_sync(_check_header, target):
-        raise JournalError(f"no journal at {target} (missing or empty)")
-    conn, ours = await _validated_read_only(target)
-    try:
-        if not ours:
-            raise JournalCorruptError(f"{target} is an empty SQLite database, not a journal")
-        with _sqlite_errors(target, "summarising"):
-            return await _summarize(conn, target, now or _now())
-    finally:
-        with anyio.CancelScope(shield=True):
-            await conn.close()
+    return await anyio.to_thread.run_sync(_read_summary, target, now or _now())

@@ -348,13 +348,26 @@ def probe_audio(path: str | os.PathLike[str]) -> AudioInfo:
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """SHA-256 (hex) of a file, read in 1 MiB chunks so memory stays flat."""
+    return _hash_file(path, 0)[0]
+
+
+def _hash_file(path: str | os.PathLike[str], keep: int) -> tuple[str, bytes | None]:
+    """SHA-256 (hex) of a file, and its bytes when it holds at most ``keep`` (else None)."""
     h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
     with open(path, "rb") as f:
+        if keep > 0:
+            # One byte more than the file holds (at most the limit): a short read is the whole
+            # file; a full one means it is over the limit, or grew, and the rest is hashed.
+            want = min(keep, os.fstat(f.fileno()).st_size) + 1
+            data = f.read(want)
+            h.update(data)
+            if len(data) < want:
+                return h.hexdigest(), data
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
         while n := f.readinto(buf):
             h.update(view[:n])
-    return h.hexdigest()
+    return h.hexdigest(), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,34 +652,43 @@ def _short(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
-#: (field, resolved path, size, mtime_ns) -> (info, digest): a portrait shared by 800 jobs is
-#: probed and hashed once, not 800 times. A changed file has a new size or mtime.
-_PROBE_CACHE: dict[tuple[str, str, int, int], tuple[ImageInfo | AudioInfo, str]] = {}
+#: (field, device, inode, size, mtime_ns, ctime_ns) -> (info, digest): a portrait shared by 800
+#: jobs is probed and hashed once, not 800 times. The inode names the file whatever path leads
+#: to it (no resolve() needed); a changed file has a new size, mtime or ctime (ctime cannot be
+#: set back by hand).
+_PROBE_CACHE: dict[tuple[str, int, int, int, int, int], tuple[ImageInfo | AudioInfo, str]] = {}
 _PROBE_CACHE_MAX = 4096
 
 
 def _prepare_local(field: str, path: Path) -> _Probed:
+    return _prepare_keeping(field, path, 0)[0]
+
+
+def _prepare_keeping(field: str, path: Path, keep: int) -> tuple[_Probed, bytes | None]:
+    """Probe and hash a file (cached); also its bytes, when it was read now and holds at most
+    ``keep`` (an upload can then send the very bytes that were hashed, without reading again)."""
     try:
-        st = path.stat()
-        cache_key = (field, str(path.resolve()), st.st_size, st.st_mtime_ns)
+        st = os.stat(path)
+        cache_key = (field, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     except OSError:
         cache_key = None
     if cache_key is not None and cache_key in _PROBE_CACHE:
-        return _PROBE_CACHE[cache_key]
+        return _PROBE_CACHE[cache_key], None
     try:
         info: ImageInfo | AudioInfo = probe_image(path) if field == "image" else probe_audio(path)
-        result = (info, sha256_file(path))
+        digest, content = _hash_file(path, keep)
+        result = (info, digest)
         if cache_key is not None:
             if len(_PROBE_CACHE) >= _PROBE_CACHE_MAX:
                 _PROBE_CACHE.pop(next(iter(_PROBE_CACHE)))
             _PROBE_CACHE[cache_key] = result
-        return result
+        return result, content
     except MediaProbeError as exc:
-        return exc
+        return exc, None
     except OSError as exc:
         # The file changed or vanished between the probe and the hash.
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, str(exc))
-        return MediaProbeError(f"{str(path)!r} cannot be read: {reason}")
+        return MediaProbeError(f"{str(path)!r} cannot be read: {reason}"), None
 
 
 def _probe_problem(field: str, exc: MediaProbeError) -> Problem:
@@ -728,6 +750,18 @@ def _assemble(
     )
 
 
+def _prepare_locals(
+    keys: Iterable[tuple[str, Path]], keep: int
+) -> tuple[dict[tuple[str, Path], _Probed], dict[str, bytes]]:
+    probed: dict[tuple[str, Path], _Probed] = {}
+    contents: dict[str, bytes] = {}
+    for key in dict.fromkeys(keys):
+        probed[key], content = _prepare_keeping(*key, keep)
+        if content is not None:
+            contents[key[0]] = content
+    return probed, contents
+
+
 async def _probe_all(
     keys: Iterable[tuple[str, Path]], limiter: anyio.CapacityLimiter | None = None
 ) -> dict[tuple[str, Path], _Probed]:
@@ -777,8 +811,30 @@ async def validate_job(
     Raises:
         InputError: Listing every problem of the job at once.
     """
+    validated, _ = await _validate(job, check_urls=check_urls, session=session, keep=0)
+    return validated
+
+
+async def validate_keeping(job: Job, keep: int) -> tuple[ValidatedJob, Mapping[str, bytes]]:
+    """:func:`validate_job`, also returning the bytes of each local input of at most ``keep``
+    bytes that was read (hashed) now: ``{"image": ..., "audio": ...}``, either may be missing.
+
+    The batch uploads these very bytes instead of reading the files again.
+    """
+    return await _validate(job, check_urls=False, session=None, keep=keep)
+
+
+async def _validate(
+    job: Job, *, check_urls: bool, session: aiohttp.ClientSession | None, keep: int
+) -> tuple[ValidatedJob, Mapping[str, bytes]]:
     sources = _sources_of(job)
-    probed = await _probe_all(_local_keys(sources))
+    keys = _local_keys(sources)
+    # One thread hop for the job's files, one after the other: the batch validates several
+    # jobs at once, so a hop per file would only add overhead.
+    probed: Mapping[tuple[str, Path], _Probed] = {}
+    contents: Mapping[str, bytes] = {}
+    if keys:
+        probed, contents = await anyio.to_thread.run_sync(_prepare_locals, keys, keep)
     validated, problems = _assemble(job, sources, probed)
     if check_urls and session is not None:
         problems += await _check_urls(
@@ -786,7 +842,7 @@ async def validate_job(
         )
     if problems or validated is None:
         raise InputError(problems, job_name=job.display_name)
-    return validated
+    return validated, contents
 
 
 async def _check_urls(sources: Sequence[_Source], session: aiohttp.ClientSession) -> list[Problem]:

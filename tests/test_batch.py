@@ -63,6 +63,10 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_digests(paths: set[Path]) -> list[str]:
+    return [sha(p.read_bytes()) for p in paths]
+
+
 def check_done(sim: Simulator, outcomes: list[emo_async.Outcome]) -> None:
     for o in outcomes:
         assert o.state == OutcomeState.DONE, (o.job.display_name, o.error)
@@ -134,6 +138,19 @@ class TestBatch:
             # one portrait + 200 distinct voices
             assert sim.ledger.count("upload") == 201
             assert sim.ledger.count("get_policy") <= 3
+
+    async def test_uploads_carry_the_bytes_that_were_validated(self, tmp_path: Path) -> None:
+        jobs = make_sample_set(tmp_path / "in", 3, portraits=1, seconds=(0.5, 1.0))
+        # Over 1 MiB: streamed from disk; the others are sent from the bytes validation read.
+        long = make_voice_wav(tmp_path / "in" / "long.wav", 40.0, sample_rate=16000)
+        jobs.append(Job(jobs[0].image, long, name="long"))
+        async with Simulator(sim_config()) as sim:
+            async with client_for(sim) as client:
+                outcomes = await client.run_batch_all(jobs, tmp_path / "out", max_tasks=10)
+            check_done(sim, outcomes)
+            stored = sorted(sha(bytes(obj.data)) for obj in sim._state.uploads.values())
+        inputs = {Path(j.image) for j in jobs} | {Path(j.audio) for j in jobs}
+        assert stored == sorted(file_digests(inputs))
 
     async def test_one_bad_job_is_its_own_outcome(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 4, portraits=1, seconds=(1.0, 2.0))
@@ -250,6 +267,25 @@ class TestFaults:
             assert sim.ledger.duplicate_tasks() == {}
             assert len(sim.ledger.tasks_created) == 40
             assert any(r.fault for r in sim.ledger.requests if r.endpoint == "submit")
+
+    async def test_many_lost_answers_and_errors_end_without_duplicates(
+        self, tmp_path: Path
+    ) -> None:
+        # A third of the answers lost (the task exists), a tenth 500s (nothing exists) and a
+        # tenth 503s (paused outside the submit lock while other jobs submit).
+        jobs = make_sample_set(tmp_path / "in", 60, portraits=2, seconds=(0.5, 1.5))
+        faults = FaultConfig(seed=11, ambiguous_submit_rate=0.35, error_rate={"submit": 0.2})
+        async with Simulator(sim_config(faults=faults)) as sim:
+            async with client_for(sim) as client:
+                run = client.run_batch(jobs, tmp_path / "out", max_tasks=20)
+                async with run as outcomes:
+                    got = [o async for o in outcomes]
+            check_done(sim, got)
+            assert sim.ledger.duplicate_tasks() == {}
+            assert len(sim.ledger.tasks_created) == 60
+            assert {o.task_id for o in got} == {t.task_id for t in sim.ledger.tasks_created}
+            lost = sum(1 for r in sim.ledger.requests if r.fault == "ambiguous")
+            assert lost >= 10
 
     async def test_query_errors_and_throttling_do_not_stop_polling(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 30, portraits=1, seconds=(0.5, 1.5))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import os
 import random
@@ -8,10 +9,13 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 import pytest
@@ -443,11 +447,11 @@ class TestRecords:
     async def test_is_wal_with_full_sync(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
         async with open_journal(path) as journal:
-            conn = journal._db()
-            async with conn.execute("PRAGMA synchronous") as cur:
-                row = await cur.fetchone()
-            assert row is not None
-            assert row[0] == 2  # FULL
+            # The pragma is per connection: ask the journal's own.
+            level = await journal._db().read(
+                lambda db: db.execute("PRAGMA synchronous").fetchone()[0]
+            )
+            assert level == 2  # FULL
         header = await anyio.Path(path).read_bytes()
         assert header[18:20] == b"\x02\x02"  # WAL, persisted in the file header
 
@@ -851,3 +855,200 @@ class TestEventLoop:
         assert ticks > ticks_while_held
         assert rec is not None
         assert rec.task_status == "RUNNING-199"
+
+
+async def _stall(journal: Journal, tg: anyio.abc.TaskGroup) -> threading.Event:
+    """Keep the journal's thread busy until the returned event is set: the calls made
+    meanwhile queue up, and the thread takes them all as one group."""
+    entered, release = threading.Event(), threading.Event()
+
+    def block(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(30)
+
+    tg.start_soon(journal._db().read, block)
+    await anyio.to_thread.run_sync(entered.wait, 30)
+    return release
+
+
+async def _queued(journal: Journal, n: int) -> None:
+    """Wait until ``n`` calls are queued for the journal's thread."""
+    while journal._db()._queue.qsize() < n:
+        await anyio.lowlevel.checkpoint()
+
+
+def _phases_on_disk(path: Path) -> dict[str, str]:
+    """Each job's phase as a fresh connection reads it: what is committed, nothing else."""
+    with sqlite3.connect(path.as_uri() + "?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT key, phase FROM jobs").fetchall()
+    db.close()
+    return {str(k): str(p) for k, p in rows}
+
+
+class TestGroupCommit:
+    """Writes queued together share one commit; each caller resumes once its write is in."""
+
+    async def test_queued_writes_share_a_commit_and_a_refused_one_undoes_nothing(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from emo_async import _journal
+
+        groups: list[int] = []
+        real = _journal._Connection._run_group
+
+        def run_group(self: _journal._Connection, group: list[_journal._Call]) -> None:
+            groups.append(sum(call.kind == _journal._WRITE for call in group))
+            real(self, group)
+
+        monkeypatch.setattr(_journal._Connection, "_run_group", run_group)
+        path = tmp_path / "j.sqlite3"
+        keys = [f"k{i}" for i in range(10)]
+        async with open_journal(path) as journal:
+            for key in [*keys, "owner"]:
+                await journal.register(key, _job(key))
+            await journal.record_submitted("owner", "t-taken", at=T0)
+            results: dict[str, BaseException | None] = {}
+
+            async def submit(key: str, task_id: str) -> None:
+                try:
+                    await journal.record_submitted(key, task_id, at=T0)
+                    results[key] = None
+                except JournalError as exc:
+                    results[key] = exc
+
+            async with anyio.create_task_group() as tg:
+                release = await _stall(journal, tg)
+                for key in keys[:-1]:
+                    tg.start_soon(submit, key, f"t-{key}")
+                # Refused: the task is already recorded for "owner".
+                tg.start_soon(submit, keys[-1], "t-taken")
+                await _queued(journal, len(keys))
+                assert results == {}
+                release.set()
+        assert len(keys) in groups  # one transaction for the ten of them
+        assert all(results[key] is None for key in keys[:-1])
+        assert "already recorded for job owner" in str(results[keys[-1]])
+        on_disk = _phases_on_disk(path)
+        assert {key: on_disk[key] for key in keys} == {
+            **{key: "submitted" for key in keys[:-1]},
+            keys[-1]: "new",
+        }
+
+    async def test_a_failed_commit_fails_every_write_of_its_group(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        keys = [f"k{i}" for i in range(5)]
+        async with open_journal(path) as journal:
+            for key in keys:
+                await journal.register(key, _job(key))
+            await journal.known_task_ids()  # the registrations are committed
+            conn = journal._db()
+            real_db = conn._db
+            assert real_db is not None
+
+            class FailingCommit:
+                """The real connection, except that COMMIT fails (as on a full disk)."""
+
+                in_transaction = property(lambda _: real_db.in_transaction)
+
+                def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+                    if sql == "COMMIT":
+                        raise sqlite3.OperationalError("database or disk is full")
+                    return real_db.execute(sql, *args)
+
+            errors: list[BaseException] = []
+
+            async def intent(key: str) -> None:
+                try:
+                    await journal.record_intent(key, at=T0)
+                except JournalError as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                release = await _stall(journal, tg)
+                conn._db = FailingCommit()  # type: ignore[assignment]
+                for key in keys:
+                    tg.start_soon(intent, key)
+                await _queued(journal, len(keys))
+                release.set()
+            conn._db = real_db
+            assert len(errors) == len(keys)
+            assert all("disk is full" in str(exc) for exc in errors)
+            assert {(await journal.get(key)).phase for key in keys} == {"new"}  # type: ignore[union-attr]
+        assert set(_phases_on_disk(path).values()) == {"new"}
+
+    async def test_a_patient_write_returns_committed_and_goes_with_an_urgent_one(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "j.sqlite3"
+        async with open_journal(path) as journal:
+            for key in ("a", "b"):
+                await journal.register(key, _job(key))
+                await journal.record_submitted(key, f"t-{key}", at=T0)
+            # Long enough that only the urgent write below can end the wait in this test.
+            journal.commit_delay = 3600.0
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(
+                    functools.partial(
+                        journal.record_finished,
+                        "a",
+                        video_url="u",
+                        url_deadline=None,
+                        billed_seconds=1.0,
+                    )
+                )
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+                assert _phases_on_disk(path)["a"] == "submitted"  # still waiting for company
+                await journal.record_status("b", "RUNNING")  # may not wait: both go now
+            assert _phases_on_disk(path)["a"] == "finished"
+            journal.commit_delay = 0.0
+            await journal.record_done("a", path="/o/a.mp4", size=1, sha256="s")
+            assert _phases_on_disk(path)["a"] == "done"  # committed when it returned
+
+    async def test_deferred_writes_are_kept(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        det = Detection(True, (1, 2, 3, 4), (0, 0, 9, 9))
+        async with open_journal(path) as journal:
+            rec = await journal.register("k", _job())
+            await journal.put_upload(
+                "d", "emo-v1", "oss://b/x.png", expires_at=T0 + dt.timedelta(hours=48)
+            )
+            await journal.put_detection("img", "1:1", det)
+            # Known at once in this process...
+            assert await journal.get("k") == rec
+            assert await journal.get_upload("d", "emo-v1", now=T0) == "oss://b/x.png"
+            assert await journal.get_detection("img", "1:1") == det
+            await journal.register("later", _job("later"))  # deferred until the close
+        async with open_journal(path) as journal:
+            # ...and written for the next run.
+            assert await journal.get("k") == rec
+            assert await journal.get("later") is not None
+            assert await journal.get_upload("d", "emo-v1", now=T0) == "oss://b/x.png"
+            assert await journal.get_detection("img", "1:1") == det
+
+    async def test_concurrent_intents_survive_an_immediate_exit(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        code, _, err = await _python(
+            """
+            import datetime as dt, os, sys, anyio
+            from emo_async._journal import Journal
+            from emo_async._models import Job
+            async def main():
+                journal = await Journal.open(sys.argv[1])
+                journal.commit_delay = 0.1
+                at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+                for i in range(50):  # deferred: written with the intents
+                    await journal.register(f"k{i}", Job("p.png", f"v{i}.wav", name=f"c{i}"))
+                async with anyio.create_task_group() as tg:
+                    for i in range(50):
+                        tg.start_soon(lambda i=i: journal.record_intent(f"k{i}", at=at))
+                os._exit(0)  # no close, no checkpoint, no flush
+            anyio.run(main)
+            """,
+            str(path),
+        )
+        assert code == 0, err
+        async with open_journal(path) as journal:
+            records = [rec async for rec in journal.records()]
+        assert len(records) == 50
+        assert {(rec.phase, rec.attempts) for rec in records} == {("intent", 1)}

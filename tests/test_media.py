@@ -83,6 +83,22 @@ def digest_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def bytes_of(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def replace_keeping_size_and_mtime(path: Path, scratch: Path) -> None:
+    """Replace ``path`` (by a rename, as editors and sync tools do) with other bytes of the
+    same size and the same mtime."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one sample changed: the same size, another digest
+    st = path.stat()
+    scratch.write_bytes(bytes(data))
+    os.utime(scratch, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(scratch, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
 @pytest.fixture
 def unreadable_voice(voice: Path) -> Iterator[Path]:
     if os.geteuid() == 0:
@@ -415,6 +431,19 @@ class TestCheckBoxes:
 # validate_job.
 
 
+@pytest.mark.parametrize("size", [1, 99, 100, 101, 5000])
+@pytest.mark.parametrize("keep", [0, 1, 100, 1 << 20])
+def test_hash_file_keeps_the_bytes_of_files_within_the_limit(
+    tmp_path: Path, size: int, keep: int
+) -> None:
+    path = tmp_path / "f.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    digest, content = _media._hash_file(path, keep)
+    assert digest == hashlib.sha256(data).hexdigest() == sha256_file(path)
+    assert content == (data if 0 < size <= keep else None)
+
+
 class TestValidateJob:
     """validate_job probes, hashes and checks a job, and lists every problem at once."""
 
@@ -520,19 +549,47 @@ class TestValidateJob:
         assert "permission denied" in problem.message
 
     @pytest.mark.anyio
+    async def test_validate_keeping_returns_the_bytes_it_hashed(
+        self, tmp_path: Path, portrait: Path, voice: Path
+    ) -> None:
+        v, contents = await _media.validate_keeping(Job(portrait, voice), 1 << 20)
+        assert contents == {"image": bytes_of(portrait), "audio": bytes_of(voice)}
+        assert v.image.digest == hashlib.sha256(contents["image"]).hexdigest()
+        assert v.audio.digest == hashlib.sha256(contents["audio"]).hexdigest()
+        # Known files are not read again (the probe cache), so there are no bytes to give.
+        again, contents = await _media.validate_keeping(Job(portrait, voice), 1 << 20)
+        assert contents == {}
+        assert (again.image.digest, again.audio.digest) == (v.image.digest, v.audio.digest)
+        # A file over the limit is hashed whole all the same, and not kept.
+        other = make_voice_wav(tmp_path / "other.wav", 1.0, sample_rate=8000)
+        v, contents = await _media.validate_keeping(Job(portrait, other), 100)
+        assert "audio" not in contents
+        assert v.audio.digest == digest_of(other)
+        assert (await validate_job(Job(portrait, other))).audio.digest == digest_of(other)
+
+    @pytest.mark.anyio
+    async def test_a_file_replaced_with_the_same_size_and_mtime_is_read_again(
+        self, tmp_path: Path, portrait: Path, voice: Path
+    ) -> None:
+        first = await validate_job(Job(portrait, voice))
+        replace_keeping_size_and_mtime(voice, tmp_path / "replacement.wav")
+        second = await validate_job(Job(portrait, voice))
+        assert first.audio.digest != second.audio.digest == digest_of(voice)
+
+    @pytest.mark.anyio
     async def test_does_not_block_the_loop(
         self, monkeypatch: pytest.MonkeyPatch, portrait: Path, voice: Path
     ) -> None:
         # The hash waits until the loop has ticked 5 times: if validate_job ran it on the loop,
         # the ticker could not tick and the wait would give up.
         released = threading.Event()
-        real = _media.sha256_file
+        real = _media._hash_file
 
-        def gated_hash(path: str | os.PathLike[str]) -> str:
+        def gated_hash(path: str | os.PathLike[str], keep: int) -> tuple[str, bytes | None]:
             assert released.wait(10), "the event loop did not tick while a file was hashed"
-            return real(path)
+            return real(path, keep)
 
-        monkeypatch.setattr(_media, "sha256_file", gated_hash)
+        monkeypatch.setattr(_media, "_hash_file", gated_hash)
         ticks = 0
 
         async def ticker() -> None:
@@ -548,7 +605,7 @@ class TestValidateJob:
             validated = await validate_job(Job(portrait, voice))
             tg.cancel_scope.cancel()
         assert ticks >= 5
-        assert validated.audio.digest == real(voice)
+        assert validated.audio.digest == _media.sha256_file(voice)
 
 
 # --------------------------------------------------------------------------------------------
