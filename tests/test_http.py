@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 
 import emo_async
 from emo_async import Client, Limits, RetryPolicy, Timeouts
+from emo_async._ratelimit import AdaptiveRateLimiter
 
 pytestmark = pytest.mark.anyio
 
@@ -429,3 +430,119 @@ class TestRateLimit:
             for i in range(100):
                 await client.get_task(f"x{i}")
             assert client.statistics().limiters["task"].rate > lim.rate
+
+    async def test_a_burst_of_429s_is_undone_by_a_few_successes(self, scripted: Scripted) -> None:
+        import anyio
+
+        # A 429 burst (the later ones were in flight already: one cut), a moment of calm, then
+        # twenty successes: back near the ceiling (aiming a little below the rate that drew
+        # the 429s, then probing up), however high it is.
+        def script(r: web.Request, n: int) -> web.Response | None:
+            return err(429, "Throttling.RateQuota") if len(scripted.arrivals) <= 3 else None
+
+        scripted.script = script
+        async with make_client(scripted, retry=fast_retry(attempts=5)) as client:
+            await client.get_task("abc")
+            lim = client.statistics().limiters["task"]
+            assert lim.throttled == 3
+            assert lim.rate == pytest.approx(lim.max_rate / 2)
+            await anyio.sleep(0.3)  # successes right after a 429 belong to its burst
+            for i in range(20):
+                await client.get_task(f"x{i}")
+            after = client.statistics().limiters["task"]
+            assert 0.9 * after.max_rate <= after.rate <= after.max_rate
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def limiter(rate: float, **kw: Any) -> tuple[AdaptiveRateLimiter, FakeClock]:
+    clock = FakeClock()
+    return AdaptiveRateLimiter("t", rate, clock=clock, **kw), clock
+
+
+def successes(lim: AdaptiveRateLimiter, clock: FakeClock, n: int, gap: float = 0.01) -> None:
+    for _ in range(n):
+        clock.t += gap
+        lim.on_success()
+
+
+class TestAdaptiveRateLimiter:
+    """Recovery is proportionate at any ceiling, follows a real limit below the ceiling, and is
+    complete after a quiet spell."""
+
+    @pytest.mark.parametrize("ceiling", [2.0, 40.0, 400.0])
+    def test_a_cut_is_undone_by_the_same_number_of_successes_at_any_ceiling(
+        self, ceiling: float
+    ) -> None:
+        lim, clock = limiter(ceiling)
+        lim.on_throttle()
+        assert lim.rate == pytest.approx(ceiling / 2)
+        clock.t += 0.5  # past the burst
+        successes(lim, clock, 10)
+        assert 0.85 * ceiling < lim.rate < ceiling
+        successes(lim, clock, 10)
+        assert lim.rate >= 0.9 * ceiling
+        successes(lim, clock, 30)  # probing above the target, where the 429 came from
+        assert lim.rate == pytest.approx(ceiling)
+
+    def test_successes_inside_a_429_burst_do_not_raise_the_rate(self) -> None:
+        lim, clock = limiter(40.0)
+        for _ in range(20):
+            lim.on_throttle()  # in flight together: one cut
+            clock.t += 0.01
+            lim.on_success()
+        assert lim.rate == pytest.approx(20.0)
+        assert lim.statistics().throttled == 20
+
+    def test_a_limit_below_the_ceiling_is_followed_not_overrun(self) -> None:
+        # Configured at 100/s against an account that throttles above 20/s: the rate comes
+        # down to the limit and then probes above it only slowly.
+        lim, clock = limiter(100.0)
+        throttled = 0
+        for _ in range(3000):
+            clock.t += 1.05 / lim.rate
+            if lim.rate > 20.0:
+                throttled += 1
+                lim.on_throttle()
+            else:
+                lim.on_success()
+        assert 10.0 <= lim.rate <= 22.0
+        seconds = clock.t - 1000.0
+        assert throttled < 0.1 * 3000, (throttled, seconds)
+
+    def test_the_floor_holds_and_is_left_in_a_few_dozen_successes(self) -> None:
+        lim, clock = limiter(100.0)
+        for _ in range(10):
+            lim.on_throttle()
+            clock.t += 1.0  # each 429 a separate event
+        assert lim.rate == pytest.approx(lim.min_rate)
+        successes(lim, clock, 40)
+        # Heads back to the rate the last cut came from (the floor), then probes above it.
+        assert lim.rate > lim.min_rate
+
+    def test_a_quiet_spell_restores_the_ceiling(self) -> None:
+        lim, clock = limiter(10.0, recover_seconds=5.0)
+        lim.on_throttle()
+        clock.t += 1.0
+        lim.on_throttle()
+        assert lim.rate == pytest.approx(2.5)
+        clock.t += 5.0
+        assert lim.rate == pytest.approx(10.0)
+        assert lim.statistics().rate == pytest.approx(10.0)
+
+    def test_bad_settings_are_refused(self) -> None:
+        bad: list[dict[str, float]] = [
+            {"decrease": 1.0},
+            {"recovery": 0.0},
+            {"probe": -0.1},
+            {"recover_seconds": 0.0},
+        ]
+        for kw in bad:
+            with pytest.raises(ValueError, match="must be"):
+                AdaptiveRateLimiter("t", 1.0, **kw)  # type: ignore[arg-type]
