@@ -6,7 +6,8 @@ download, each stage with its own limit, connected with backpressure.
   (downloads overlap with new submits).
 * Submits are serialised (one billed POST in flight per batch, at ``submit_rate``): an
   ambiguous submit can then be matched to exactly one task in the task list, so it is
-  reconciled — adopted, or resubmitted only when the list proves nothing was created.
+  reconciled — adopted, or resubmitted only when the list proves nothing was created. No
+  other POST goes out while one is being reconciled; a 429 or 503 pause holds no lock.
 * One job's failure is that job's :class:`Outcome`; the batch goes on.
 * Leaving the ``async with`` early cancels the rest and waits for it.
 """
@@ -615,25 +616,38 @@ class BatchRun:
             async for item in recv:
                 await self._task_slots.acquire_on_behalf_of(item)
                 self._c.submitting -= 1
-                try:
-                    ok = await self._submit(item, out)
-                except BaseException:
-                    self._task_slots.release_on_behalf_of(item)
-                    raise
-                if ok:
-                    tg.start_soon(self._track, item, out)
-                else:
-                    self._task_slots.release_on_behalf_of(item)
+                # Each job submits in its own task: one pausing after a 429 or 503 must not
+                # hold up the jobs behind it (the POSTs themselves still go out one at a time,
+                # under the submit lock).
+                tg.start_soon(self._submit_and_track, item, out)
+
+    async def _submit_and_track(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> None:
+        try:
+            ok = await self._submit(item, out)
+        except BaseException:
+            self._task_slots.release_on_behalf_of(item)
+            raise
+        if ok:
+            await self._track(item, out)
+        else:
+            self._task_slots.release_on_behalf_of(item)
 
     async def _submit(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> bool:
-        """Journal the intent, send the billed POST once, reconcile if the answer is lost."""
+        """Journal the intent, send the billed POST once, reconcile if the answer is lost.
+
+        The submit lock is held from the intent through the POST and, for a lost answer,
+        through its reconciling: with no other POST of ours in flight, the one unknown task in
+        the list can only be this one. A pause after a 429 or 503 (nothing was created) is
+        taken outside the lock, so other jobs submit meanwhile.
+        """
         assert item.image_url
         assert item.audio_url
         assert item.face_bbox
         assert item.ext_bbox
         await self._intents_settled.wait()
-        async with self._submit_lock:
-            for attempt in range(_MAX_SUBMITS):
+        for attempt in range(_MAX_SUBMITS):
+            pause: EmoError | None = None
+            async with self._submit_lock:
                 if self._submit_limiter is not None:
                     await self._submit_limiter.acquire()
                 sent_at = _dt.datetime.now(_dt.UTC)
@@ -667,30 +681,33 @@ class BatchRun:
                     if self._transient(exc) and attempt + 1 < _MAX_SUBMITS:
                         # A 429 or 503 creates nothing (a 500 is raised as ambiguous): wait
                         # and send again rather than fail a job nothing happened to.
-                        await self._pause_after(item, exc, attempt)
-                        continue
-                    state = (
-                        OutcomeState.REJECTED
-                        if exc.status in (400, 413, 415) and not exc.retryable
-                        else OutcomeState.FAILED
-                    )
-                    await self._emit(out, item, state, exc=exc)
-                    return False
+                        pause = exc
+                    else:
+                        state = (
+                            OutcomeState.REJECTED
+                            if exc.status in (400, 413, 415) and not exc.retryable
+                            else OutcomeState.FAILED
+                        )
+                        await self._emit(out, item, state, exc=exc)
+                        return False
                 except EmoError as exc:
                     # Transport failure before the request went out: nothing was created.
                     if self._journal is not None:
                         await self._journal.clear_intent(item.key)
                     if self._transient(exc) and attempt + 1 < _MAX_SUBMITS:
-                        await self._pause_after(item, exc, attempt)
-                        continue
-                    await self._emit(out, item, OutcomeState.FAILED, exc=exc)
-                    return False
+                        pause = exc
+                    else:
+                        await self._emit(out, item, OutcomeState.FAILED, exc=exc)
+                        return False
                 except Exception as exc:  # a bug, not a server answer: keep the intent open
                     logger.exception("%s: unexpected error while submitting", item.job.display_name)
                     await self._emit(out, item, OutcomeState.FAILED, exc=exc, journal_phase=False)
                     return False
-                await self._accept(item, task.task_id, "submitted")
-                return True
+                else:
+                    await self._accept(item, task.task_id, "submitted")
+                    return True
+            if pause is not None:
+                await self._pause_after(item, pause, attempt)
         exc2 = EmoError(f"gave up after {_MAX_SUBMITS} submits that did not land")
         await self._emit(out, item, OutcomeState.FAILED, exc=exc2)
         return False
@@ -767,6 +784,9 @@ class BatchRun:
         return isinstance(exc, TransportError)
 
     async def _pause_after(self, item: _Item, exc: EmoError, attempt: int) -> None:
+        await self._pause_for(item.job.display_name, exc, attempt)
+
+    async def _pause_for(self, name: str, exc: EmoError, attempt: int) -> None:
         # Longer than the request path's own backoff: by now its budget is spent, which means
         # the service is struggling; Retry-After is honoured.
         policy = self._client.retry
@@ -774,9 +794,7 @@ class BatchRun:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
             wait = max(wait, retry_after)
-        logger.info(
-            "%s: %s; trying again in %.2fs", item.job.display_name, type(exc).__name__, wait
-        )
+        logger.info("%s: %s; trying again in %.2fs", name, type(exc).__name__, wait)
         await anyio.sleep(wait)
 
     async def _track(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> None:
