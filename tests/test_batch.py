@@ -131,8 +131,8 @@ class TestBatch:
                 )
             assert all(o.ok for o in outcomes)
             assert sim.ledger.count("detect") == 1
-            # one portrait + 200 distinct voices
-            assert sim.ledger.count("upload") == 201
+            # the portrait once per model (emo-detect-v1, emo-v1) + 200 distinct voices
+            assert sim.ledger.count("upload") == 202
             assert sim.ledger.count("get_policy") <= 3
 
     async def test_one_bad_job_is_its_own_outcome(self, tmp_path: Path) -> None:
@@ -348,7 +348,7 @@ class TestSingleCalls:
             async with client_for(sim) as client:
                 image = await client.upload(job.image)
                 audio = await client.upload(job.audio)
-                det = await client.detect(image)
+                det = await client.detect(await client.upload(job.image, model="emo-detect-v1"))
                 assert det.face_bbox
                 assert det.ext_bbox
                 tasks = [
