@@ -29,6 +29,7 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._config import DETECT_MODEL, EMO_MODEL
 from ._exceptions import (
     AmbiguousSubmitError,
     APIError,
@@ -572,7 +573,10 @@ class BatchRun:
             if detection is not None:
                 self._client.remember_detection(v.image.digest, v.ratio, detection)
         if detection is None:
-            detection = await self._client.detect_cached(item.image_url, v.image.digest, v.ratio)
+            # A temporary upload is readable only by the model its policy named: emo-detect-v1
+            # gets its own copy of a local portrait.
+            detect_url = await self._staged_url(v.image, contents.get("image"), model=DETECT_MODEL)
+            detection = await self._client.detect_cached(detect_url, v.image.digest, v.ratio)
             if self._journal is not None:
                 await self._journal.put_detection(v.image.digest, v.ratio, detection)
         self._event("detected", item, "pass" if detection.check_pass else detection.message)
@@ -580,18 +584,22 @@ class BatchRun:
             raise DetectionRejectedError(detection)
         item.face_bbox, item.ext_bbox = detection.face_bbox, detection.ext_bbox
 
-    async def _staged_url(self, prepared: Any, content: bytes | None = None) -> str:
+    async def _staged_url(
+        self, prepared: Any, content: bytes | None = None, *, model: str = EMO_MODEL
+    ) -> str:
         if prepared.kind != "local":
             return str(prepared.url)
         if self._journal is not None:
-            cached = await self._journal.get_upload(prepared.digest, "emo-v1")
+            cached = await self._journal.get_upload(prepared.digest, model)
             if cached is not None:
                 return cached
-        url = await self._client.upload_digest(prepared.path, prepared.digest, content=content)
+        url = await self._client.upload_digest(
+            prepared.path, prepared.digest, content=content, model=model
+        )
         if self._journal is not None:
             await self._journal.put_upload(
                 prepared.digest,
-                "emo-v1",
+                model,
                 url,
                 expires_at=_dt.datetime.now(_dt.UTC) + _dt.timedelta(hours=48),
             )

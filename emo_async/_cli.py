@@ -26,7 +26,7 @@ import anyio
 import anyio.to_thread
 import attrs
 
-from ._config import DEFAULT_LIMITS, DEFAULT_POLL_POLICY, PollPolicy
+from ._config import DEFAULT_LIMITS, DEFAULT_POLL_POLICY, DETECT_MODEL, PollPolicy
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -925,7 +925,7 @@ async def _cmd_detect(args: argparse.Namespace) -> int:
                 out.error(str(problem))
             return EXIT_FAILED
     async with _client(args, key) as client:
-        url = image if local is None else await client.upload(local)
+        url = image if local is None else await client.upload(local, model=DETECT_MODEL)
         detection = await client.detect(url, ratio=args.ratio)
     if out.json:
         out.emit_json({"image": image, **detection.to_json()})

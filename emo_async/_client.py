@@ -27,6 +27,8 @@ from ._config import (
     DEFAULT_POLL_POLICY,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUTS,
+    DETECT_MODEL,
+    EMO_MODEL,
     Limits,
     PollPolicy,
     RetryPolicy,
@@ -68,8 +70,6 @@ __all__ = ["Client", "ClientStatistics"]
 
 logger = logging.getLogger("emo_async")
 
-EMO_MODEL = "emo-v1"
-DETECT_MODEL = "emo-detect-v1"
 _SUBMIT_PATH = "/services/aigc/image2video/video-synthesis/"
 _DETECT_PATH = "/services/aigc/image2video/face-detect"
 #: Temporary uploads are valid 48 h; stop reusing one a little before that.

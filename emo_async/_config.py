@@ -18,11 +18,17 @@ __all__ = [
     "DEFAULT_POLL_POLICY",
     "DEFAULT_RETRY_POLICY",
     "DEFAULT_TIMEOUTS",
+    "DETECT_MODEL",
+    "EMO_MODEL",
     "Limits",
     "PollPolicy",
     "RetryPolicy",
     "Timeouts",
 ]
+
+#: The video model, and the detection model; a temporary upload is bound to one of them.
+EMO_MODEL = "emo-v1"
+DETECT_MODEL = "emo-detect-v1"
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 

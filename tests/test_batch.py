@@ -135,8 +135,8 @@ class TestBatch:
                 )
             assert all(o.ok for o in outcomes)
             assert sim.ledger.count("detect") == 1
-            # one portrait + 200 distinct voices
-            assert sim.ledger.count("upload") == 201
+            # the portrait once per model (emo-detect-v1, emo-v1) + 200 distinct voices
+            assert sim.ledger.count("upload") == 202
             assert sim.ledger.count("get_policy") <= 3
 
     async def test_uploads_carry_the_bytes_that_were_validated(self, tmp_path: Path) -> None:
@@ -150,7 +150,9 @@ class TestBatch:
             check_done(sim, outcomes)
             stored = sorted(sha(bytes(obj.data)) for obj in sim._state.uploads.values())
         inputs = {Path(j.image) for j in jobs} | {Path(j.audio) for j in jobs}
-        assert stored == sorted(file_digests(inputs))
+        # The portrait goes up once per model (emo-detect-v1 and emo-v1).
+        portrait = sha(Path(jobs[0].image).read_bytes())
+        assert stored == sorted([*file_digests(inputs), portrait])
 
     async def test_one_bad_job_is_its_own_outcome(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 4, portraits=1, seconds=(1.0, 2.0))
@@ -384,7 +386,7 @@ class TestSingleCalls:
             async with client_for(sim) as client:
                 image = await client.upload(job.image)
                 audio = await client.upload(job.audio)
-                det = await client.detect(image)
+                det = await client.detect(await client.upload(job.image, model="emo-detect-v1"))
                 assert det.face_bbox
                 assert det.ext_bbox
                 tasks = [

@@ -11,7 +11,16 @@ from typing import Any
 import aiohttp
 import attrs
 import pytest
-from _media_fixtures import FIXED, SUBMIT_PATH, Api, FileServer, job, portrait, wav
+from _media_fixtures import (
+    DETECT_PATH,
+    FIXED,
+    SUBMIT_PATH,
+    Api,
+    FileServer,
+    job,
+    portrait,
+    wav,
+)
 
 from emo_async.simulator import (
     SIM_KEY,
@@ -112,6 +121,35 @@ class TestUpload:
         assert status == 200, out
         assert sim.tasks[out["output"]["task_id"]].audio_duration == pytest.approx(2.0)
         assert sim.ledger.auth_leaks() == []
+
+    async def test_an_upload_is_readable_only_by_its_model(
+        self, api: Api, session: aiohttp.ClientSession
+    ) -> None:
+        # DashScope binds a temporary file to the model named in getPolicy.
+        oss = {"X-DashScope-OssResourceResolve": "enable"}
+        urls = {}
+        for model in ("emo-v1", "emo-detect-v1"):
+            policy = await _policy(api, model)
+            assert (await _upload(session, policy, "face.png", portrait()))[0] == 200
+            urls[model] = f"oss://{policy['upload_dir']}/face.png"
+
+        async def detect(url: str) -> tuple[int, dict[str, Any]]:
+            body = {"model": "emo-detect-v1", "input": {"image_url": url}}
+            status, out, _ = await api.call("POST", DETECT_PATH, json=body, headers=oss)
+            return status, out
+
+        status, out = await detect(urls["emo-v1"])
+        assert (status, out["code"]) == (400, "InvalidURL")
+        status, out = await detect(urls["emo-detect-v1"])
+        assert status == 200, out
+        assert out["output"]["check_pass"] is True
+        voice = await _policy(api)
+        assert (await _upload(session, voice, "voice.wav", wav(2.0)))[0] == 200
+        audio = f"oss://{voice['upload_dir']}/voice.wav"
+        status, out = await api.submit(job(urls["emo-detect-v1"], audio), headers=oss)
+        assert (status, out["code"]) == (400, "InvalidURL")
+        status, out = await api.submit(job(urls["emo-v1"], audio), headers=oss)
+        assert status == 200, out
 
     async def test_forbid_overwrite(self, api: Api, session: aiohttp.ClientSession) -> None:
         policy = await _policy(api)

@@ -199,7 +199,7 @@ class SimState:
         )
         #: Real MP4 results (PyAV), when configured; else seeded placeholder bytes.
         self.real_videos = (
-            RealVideos(lambda url: self.resolver._fetch(url, _VIDEO_INPUT_LIMIT))
+            RealVideos(lambda url: self.resolver._fetch(url, _VIDEO_INPUT_LIMIT, "emo-v1"))
             if config.real_video
             else None
         )
@@ -351,9 +351,13 @@ class SimState:
 
     # ------------------------------------------------------------------ inputs
 
-    def _upload_bytes(self, key: str) -> bytes | bytearray | None:
+    def _upload_bytes(self, key: str, model: str | None = None) -> bytes | bytearray | None:
         obj = self.uploads.get(key)
         if obj is None:
+            return None
+        if model is not None and obj.model is not None and obj.model != model:
+            # DashScope binds a temporary file to the model its policy was issued for: another
+            # model cannot read it, as if it did not exist.
             return None
         if self.clock.now() >= obj.created + self.config.upload_ttl:
             del self.uploads[key]
@@ -369,7 +373,7 @@ class SimState:
             return "InvalidFile.Content:none"
         return trigger
 
-    async def _image(self, request: web.Request, url: object) -> ImageInfo:
+    async def _image(self, request: web.Request, url: object, model: str) -> ImageInfo:
         oss = request.headers.get(OSS_HEADER, "").lower() == "enable"
         if not self.config.validate_inputs:
             if not isinstance(url, str) or not url.strip():
@@ -383,19 +387,19 @@ class SimState:
                 trigger=None,
                 face=(358, 330, 666, 638),
             )
-        image = await self.resolver.image(url, oss_enabled=oss)
+        image = await self.resolver.image(url, oss_enabled=oss, model=model)
         if not image.resolution_ok:
             raise ApiError(400, "InvalidFile.Resolution", Msg.RESOLUTION)
         return image
 
-    async def _audio(self, request: web.Request, url: object) -> AudioInfo:
+    async def _audio(self, request: web.Request, url: object, model: str) -> AudioInfo:
         oss = request.headers.get(OSS_HEADER, "").lower() == "enable"
         if not self.config.validate_inputs:
             if not isinstance(url, str) or not url.strip():
                 raise ApiError.invalid_url(Msg.MISSING_URL)
             digest = hashlib.sha256(url.encode()).hexdigest()
             return AudioInfo(format="wav", duration=10.0, sha256=digest, size=0)
-        return await self.resolver.audio(url, oss_enabled=oss)
+        return await self.resolver.audio(url, oss_enabled=oss, model=model)
 
     # -------------------------------------------------------------- API roles
 
@@ -410,7 +414,7 @@ class SimState:
         ratio = params.get("ratio", "1:1")
         if ratio not in ("1:1", "3:4"):
             raise ApiError.bad_parameter()
-        image = await self._image(request, inputs.get("image_url"))
+        image = await self._image(request, inputs.get("image_url"), "emo-detect-v1")
         output: dict[str, Any]
         code = self._content_code(image)
         ext = expand_box(image.face, image.width, image.height, ratio) if image.face else None
@@ -453,8 +457,8 @@ class SimState:
         style = params.get("style_level", "normal")
         if style not in STYLE_LEVELS:
             raise ApiError.bad_parameter(Msg.BAD_STYLE)
-        image = await self._image(request, inputs["image_url"])
-        audio = await self._audio(request, inputs["audio_url"])
+        image = await self._image(request, inputs["image_url"], "emo-v1")
+        audio = await self._audio(request, inputs["audio_url"], "emo-v1")
         if self.config.validate_inputs and (
             ext[2] > image.width
             or ext[3] > image.height
@@ -785,8 +789,20 @@ class SimState:
             or part.headers.get("Content-Type")
             or "application/octet-stream"
         )
+        model = next(
+            (
+                c["x-dashscope-model"]
+                for c in conditions
+                if isinstance(c, dict) and "x-dashscope-model" in c
+            ),
+            None,
+        )
         self.uploads[key] = StoredObject(
-            key=key, data=data, created=self.clock.now(), content_type=content_type
+            key=key,
+            data=data,
+            created=self.clock.now(),
+            content_type=content_type,
+            model=model if isinstance(model, str) else None,
         )
         wanted = fields.get("success_action_status", "204")
         status = int(wanted) if wanted in ("200", "201", "204") else 204

@@ -49,7 +49,7 @@ class InputResolver:
         self,
         *,
         timeout: float,
-        lookup_upload: Callable[[str], bytes | bytearray | None],
+        lookup_upload: Callable[[str, str | None], bytes | bytearray | None],
     ) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._lookup_upload = lookup_upload
@@ -69,32 +69,34 @@ class InputResolver:
             await self._session.close()
             self._session = None
 
-    async def image(self, url: object, *, oss_enabled: bool) -> ImageInfo:
+    async def image(self, url: object, *, oss_enabled: bool, model: str | None = None) -> ImageInfo:
         """Fetch and sniff an image; raises the documented InvalidURL errors."""
         text = _check_url(url, oss_enabled=oss_enabled)
-        if text in self._images:
-            self._images.move_to_end(text)
-            cached = self._images[text]
+        key = _cache_key(text, model)
+        if key in self._images:
+            self._images.move_to_end(key)
+            cached = self._images[key]
         else:
             try:
-                data = await self._fetch(text, IMAGE_MAX_BYTES)
+                data = await self._fetch(text, IMAGE_MAX_BYTES, model)
             except (_FetchError, _TooLarge):
                 raise ApiError.invalid_url(Msg.BAD_IMAGE_URL) from None
             cached = await anyio.to_thread.run_sync(sniff_image, data)
-            _remember(self._images, text, cached)
+            _remember(self._images, key, cached)
         if cached is None:
             raise ApiError.invalid_url(Msg.BAD_IMAGE_URL)
         return cached
 
-    async def audio(self, url: object, *, oss_enabled: bool) -> AudioInfo:
+    async def audio(self, url: object, *, oss_enabled: bool, model: str | None = None) -> AudioInfo:
         """Fetch and sniff an audio file; raises the documented InvalidURL errors."""
         text = _check_url(url, oss_enabled=oss_enabled)
-        if text in self._audio:
-            self._audio.move_to_end(text)
-            cached = self._audio[text]
+        key = _cache_key(text, model)
+        if key in self._audio:
+            self._audio.move_to_end(key)
+            cached = self._audio[key]
         else:
             try:
-                data = await self._fetch(text, AUDIO_MAX_BYTES)
+                data = await self._fetch(text, AUDIO_MAX_BYTES, model)
             except _FetchError:
                 raise ApiError.invalid_url(Msg.MISSING_URL) from None
             except _TooLarge:
@@ -103,16 +105,16 @@ class InputResolver:
                 cached = await anyio.to_thread.run_sync(sniff_audio, data)
             else:
                 cached = sniff_audio(data)
-            _remember(self._audio, text, cached)
+            _remember(self._audio, key, cached)
         if cached is None:
             raise ApiError.invalid_url(Msg.AUDIO_TYPE)
         if cached.duration >= 60.0:
             raise ApiError.invalid_url(Msg.AUDIO_TOO_LONG)
         return cached
 
-    async def _fetch(self, text: str, limit: int) -> bytes:
+    async def _fetch(self, text: str, limit: int, model: str | None) -> bytes:
         if text.startswith("oss://"):
-            found = self._lookup_upload(text.removeprefix("oss://"))
+            found = self._lookup_upload(text.removeprefix("oss://"), model)
             if found is None:
                 raise _FetchError
             if len(found) > limit:
@@ -134,6 +136,11 @@ class InputResolver:
                 return bytes(buf)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise _FetchError from exc
+
+
+def _cache_key(text: str, model: str | None) -> str:
+    # A temporary upload reads differently per model (only its own model may read it).
+    return f"{model}|{text}" if text.startswith("oss://") else text
 
 
 def _check_url(url: object, *, oss_enabled: bool) -> str:

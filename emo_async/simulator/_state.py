@@ -210,6 +210,8 @@ class StoredObject:
     data: bytes | bytearray
     created: float
     content_type: str
+    #: The model named when the upload policy was issued: only that model may read the file.
+    model: str | None = None
 
 
 class TokenBucket:
