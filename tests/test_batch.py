@@ -151,7 +151,7 @@ class TestBatch:
             stored = sorted(sha(bytes(obj.data)) for obj in sim._state.uploads.values())
         inputs = {Path(j.image) for j in jobs} | {Path(j.audio) for j in jobs}
         # The portrait goes up once per model (emo-detect-v1 and emo-v1).
-        portrait = sha(Path(jobs[0].image).read_bytes())
+        [portrait] = file_digests({Path(jobs[0].image)})
         assert stored == sorted([*file_digests(inputs), portrait])
 
     async def test_one_bad_job_is_its_own_outcome(self, tmp_path: Path) -> None:
