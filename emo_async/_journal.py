@@ -523,7 +523,7 @@ _GROUP_MAX: Final = 256
 
 
 class _Call:
-    __slots__ = ("deferred", "fn", "future", "kind", "loop", "ok", "patience", "value")
+    __slots__ = ("deferred", "fn", "future", "kind", "loop", "ok", "owner", "patience", "value")
 
     def __init__(
         self,
@@ -542,10 +542,24 @@ class _Call:
         self.future: asyncio.Future[Any] = loop.create_future()
         self.ok = False
         self.value: Any = None
+        #: The connection whose deferred writes this call carries (set when it carries some).
+        self.owner: _Connection | None = None
 
 
 def _deliver(calls: list[_Call]) -> None:
     for call in calls:
+        owner = call.owner
+        if call.deferred and not call.ok and owner is not None and not owner.closed:
+            # Not committed (the call failed, or its transaction did): the deferred writes go
+            # back in front of the queue for the next call. Each is idempotent (INSERT OR
+            # IGNORE / OR REPLACE), so the ones that ran before the failure may run again; a
+            # job registered in memory must not lose its row while its key stays known.
+            owner._deferred[:0] = call.deferred
+            logger.warning(
+                "journal: %d deferred writes not committed (%s); kept for the next write",
+                len(call.deferred),
+                call.value,
+            )
         if not call.future.done():  # a cancelled reader no longer waits
             if call.ok:
                 call.future.set_result(call.value)
@@ -656,6 +670,7 @@ class _Connection:
         if self._deferred and kind != _ALONE:
             deferred, self._deferred = self._deferred, []
             call = _Call(fn, _WRITE, loop, deferred)
+            call.owner = self
         else:
             call = _Call(fn, kind, loop)
         call.patience = patience
@@ -725,6 +740,16 @@ class _Connection:
             # Nothing to share: each statement commits on its own (the common case when jobs
             # trickle in), without the cost of a transaction and savepoint around it.
             for call in group:
+                if db.in_transaction:
+                    # Left open by a COMMIT and a ROLLBACK that both failed: a statement here
+                    # would join it instead of committing, so it must not be reported done.
+                    with contextlib.suppress(Exception):
+                        db.execute("ROLLBACK")
+                if db.in_transaction:
+                    call.value = sqlite3.OperationalError(
+                        "the journal's connection is stuck in a failed transaction"
+                    )
+                    continue
                 try:
                     call.value, call.ok = call.fn(db), True
                 except Exception as exc:

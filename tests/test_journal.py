@@ -934,6 +934,31 @@ class TestGroupCommit:
             keys[-1]: "new",
         }
 
+    async def test_deferred_rows_of_a_failed_write_are_kept_for_the_next_one(
+        self, tmp_path: Path
+    ) -> None:
+        # A full database fails the intent that carries 50 deferred job rows: the rows must
+        # not vanish while their keys stay known, or each later intent would fail with "no
+        # job with key" instead of succeeding once there is room again.
+        path = tmp_path / "j.sqlite3"
+        async with open_journal(path) as journal:
+            await journal.register("first", _job("first"))
+            await journal.record_intent("first", at=T0)
+            conn = journal._conn
+            assert conn is not None
+            pages = await conn.alone(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+            await conn.alone(lambda db: db.execute(f"PRAGMA max_page_count = {pages}").fetchone())
+            keys = [f"new{i}" for i in range(50)]
+            for key in keys:
+                await journal.register(key, _job(key * 40))
+            with pytest.raises(JournalError, match="full"):
+                await journal.record_intent(keys[0], at=T0)
+            await conn.alone(lambda db: db.execute("PRAGMA max_page_count = 1000000").fetchone())
+            for key in keys:
+                await journal.record_intent(key, at=T0)
+        on_disk = _phases_on_disk(path)
+        assert {key: on_disk.get(key) for key in keys} == dict.fromkeys(keys, "intent")
+
     async def test_a_failed_commit_fails_every_write_of_its_group(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
         keys = [f"k{i}" for i in range(5)]
