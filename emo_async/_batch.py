@@ -14,6 +14,7 @@ download, each stage with its own limit, connected with backpressure.
 
 from __future__ import annotations
 
+import collections
 import datetime as _dt
 import logging
 import os
@@ -63,6 +64,9 @@ _MAX_SUBMITS = 4
 #: target delay (5 s by default: 0, 0.5 s, 2 s): an eventually consistent list gets time to
 #: catch up before we conclude that nothing was created, in the client's own time scale.
 _RECONCILE_PAUSES = (0.0, 0.1, 0.4)
+#: How far before a lost submit our own answered submits count as witnesses that the task
+#: list covers its window (half the window's ±30 s margin for clock skew).
+_WITNESS_SLACK = _dt.timedelta(seconds=15)
 #: Batch-level tries of a step that failed transiently without creating anything (a 429, a 503,
 #: a 5xx or no answer to an unbilled request). The request path's own retries are capped by a
 #: client-wide retry budget that a long batch under load spends quickly; without these, one
@@ -229,6 +233,11 @@ class BatchRun:
         # match ambiguous (two unknown tasks, two open intents, neither attributable).
         self._intents_settled = anyio.Event()
         self._known_ids: set[str] = set()
+        #: (sent, answered, task id) of this run's latest submits that got an answer: the
+        #: witnesses that the task list really covers a reconcile window.
+        self._landed: collections.deque[tuple[_dt.datetime, _dt.datetime, str]] = collections.deque(
+            maxlen=256
+        )
         self._handled: set[str] = set()
         self._resumed: set[str] = set()
         self._open_tasks: set[str] = set()
@@ -712,6 +721,7 @@ class BatchRun:
                     await self._emit(out, item, OutcomeState.FAILED, exc=exc, journal_phase=False)
                     return False
                 else:
+                    self._landed.append((sent_at, _dt.datetime.now(_dt.UTC), task.task_id))
                     await self._accept(item, task.task_id, "submitted")
                     return True
             if pause is not None:
@@ -747,10 +757,11 @@ class BatchRun:
         unit = self._client.poll_policy.target_delay
         for pause in _RECONCILE_PAUSES:
             await anyio.sleep(pause * unit)
-            found = await self._list_candidates(item, sent_at, failed_at)
-            if found is None:
+            listed = await self._list_candidates(item, sent_at, failed_at)
+            if listed is None:
                 # The list never answered: that proves nothing, and resending could bill twice.
                 return None
+            found, seen = listed
             if len(found) == 1:
                 logger.info("%s: adopted task %s", item.job.display_name, found[0].task_id)
                 await self._accept(item, found[0].task_id, "adopted")
@@ -762,19 +773,42 @@ class BatchRun:
                     len(found),
                 )
                 return None
+        witnesses = self._witnesses(sent_at, failed_at)
+        if witnesses and not witnesses & seen:
+            # Our own tasks from just before this submit are missing from the same window:
+            # the list does not cover it (a time-zone or clock mix-up, a lagging index), so
+            # its silence proves nothing, and resending could bill twice.
+            logger.error(
+                "%s: the task list shows none of our %d tasks submitted just before; "
+                "not resending a submit whose fate it cannot show",
+                item.job.display_name,
+                len(witnesses),
+            )
+            return None
         if self._journal is not None:
             await self._journal.clear_intent(item.key)
         return False
 
+    def _witnesses(self, sent_at: _dt.datetime, failed_at: _dt.datetime) -> set[str]:
+        """Our answered submits that any list covering this window must show.
+
+        Those sent at most ``_WITNESS_SLACK`` before it and answered by then: with the
+        window's ±30 s margin they fall inside it even if the server's clock is that far off.
+        """
+        lo = sent_at - _WITNESS_SLACK
+        hi = failed_at + _WITNESS_SLACK
+        return {tid for sent, answered, tid in self._landed if lo <= sent and answered <= hi}
+
     async def _list_candidates(
         self, item: _Item, sent_at: _dt.datetime, failed_at: _dt.datetime
-    ) -> list[Any] | None:
-        """Unknown tasks created in the submit window, or None if the list kept failing."""
+    ) -> tuple[list[Any], set[str]] | None:
+        """Unknown tasks created in the submit window and the ids of all tasks listed in it,
+        or None if the list kept failing."""
         for attempt in range(_TRANSIENT_TRIES):
             try:
-                return await self._client.find_submitted_tasks(
-                    sent_at, failed_at, exclude=self._known_ids
-                )
+                items = await self._client.find_submitted_tasks(sent_at, failed_at)
+                seen = {i.task_id for i in items}
+                return [i for i in items if i.task_id not in self._known_ids], seen
             except EmoError as exc:
                 logger.warning("reconciling %s: task list failed: %s", item.job.display_name, exc)
                 if attempt + 1 < _TRANSIENT_TRIES:

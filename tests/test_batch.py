@@ -289,6 +289,35 @@ class TestFaults:
             lost = sum(1 for r in sim.ledger.requests if r.fault == "ambiguous")
             assert lost >= 10
 
+    async def test_a_task_list_blind_to_the_window_never_causes_a_resend(
+        self, tmp_path: Path
+    ) -> None:
+        # Once the first submit has landed, every third answer is lost after its task was
+        # created, and the task list reads its time filter 8 hours off (a time-zone mix-up):
+        # it shows nothing. Our own earlier tasks are missing from it too, so its silence is
+        # not taken as proof: no lost submit is sent again.
+        jobs = make_sample_set(tmp_path / "in", 12, portraits=1, seconds=(0.5, 1.0))
+        blind = FaultConfig(seed=5, ambiguous_submit_rate=0.34, list_time_shift=8 * 3600)
+        async with Simulator(sim_config()) as sim:
+            armed: list[bool] = []
+
+            def on_event(event: emo_async.BatchEvent) -> None:
+                if event.kind == "submitted" and not armed:
+                    armed.append(True)  # once: each set_faults reseeds the dice
+                    sim.set_faults(blind)
+
+            async with client_for(sim) as client:
+                outcomes = await client.run_batch_all(
+                    jobs, tmp_path / "out", max_tasks=12, on_event=on_event
+                )
+            lost = sum(1 for r in sim.ledger.requests if r.fault == "ambiguous")
+            assert lost >= 1
+            assert sim.ledger.duplicate_tasks() == {}
+            assert len(sim.ledger.tasks_created) == len(jobs)
+            failed = [o for o in outcomes if o.state == OutcomeState.FAILED]
+            assert len(failed) == lost
+            assert all(o.error and o.error.kind == "AmbiguousSubmitError" for o in failed)
+
     async def test_query_errors_and_throttling_do_not_stop_polling(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 30, portraits=1, seconds=(0.5, 1.5))
         faults = FaultConfig(

@@ -601,6 +601,10 @@ class SimState:
         page_size = min(page_size, 100)
         start = _parse_list_time(query.get("start_time"))
         end = _parse_list_time(query.get("end_time"))
+        shift = self.faults.list_time_shift
+        if shift:
+            start = None if start is None else start + shift
+            end = None if end is None else end + shift
         model_name = query.get("model_name")
         status = query.get("status")
         task_id = query.get("task_id")

@@ -68,6 +68,9 @@ class FaultConfig:
         slow_rate: Probability that a request is delayed by ``slow_delay`` real seconds.
         slow_delay: The delay of a slow request.
         ignore_range_rate: Media: answer a Range request with 200 and the full body.
+        list_time_shift: Seconds by which the task list reads its ``start_time``/``end_time``
+            filter wrongly (e.g. 28800 for a UTC+8 vs UTC mix-up): a list that silently misses
+            the tasks it is asked for.
     """
 
     seed: int = 0
@@ -83,6 +86,7 @@ class FaultConfig:
     slow_rate: float = attrs.field(default=0.0, validator=_probability)
     slow_delay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
     ignore_range_rate: float = attrs.field(default=0.0, validator=_probability)
+    list_time_shift: float = 0.0
 
     @retry_after.validator
     def _check_retry_after(
