@@ -835,7 +835,9 @@ class BatchRun:
         wait = policy.wait_max * random.uniform(0.5, 1.0) * min(1.0, 0.25 * 2**attempt)
         retry_after = getattr(exc, "retry_after", None)
         if retry_after:
-            wait = max(wait, retry_after)
+            # Capped like the request path's: a list answering "Retry-After: 3600" while a lost
+            # submit is reconciled would otherwise hold every submit of the batch for an hour.
+            wait = max(wait, min(retry_after, policy.retry_after_max))
         logger.info("%s: %s; trying again in %.2fs", name, type(exc).__name__, wait)
         await anyio.sleep(wait)
 

@@ -258,7 +258,14 @@ class HttpCore:
             except APIError as exc:
                 if isinstance(exc, RateLimitError):
                     self.stats.throttled += 1
-                    limiter.on_throttle(exc.retry_after)
+                    # The family pauses for Retry-After, but no longer than retry_after_max:
+                    # past that the error goes to the caller, and a pause of an hour would
+                    # silently hold every later request of the family.
+                    limiter.on_throttle(
+                        None
+                        if exc.retry_after is None
+                        else min(exc.retry_after, self._retry.retry_after_max)
+                    )
                 elif isinstance(exc, ServerError):
                     self.stats.server_errors += 1
                 if billed and isinstance(exc, ServerError) and exc.status != 503:

@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import attrs
 import pytest
 
 import emo_async
@@ -317,6 +318,25 @@ class TestFaults:
             failed = [o for o in outcomes if o.state == OutcomeState.FAILED]
             assert len(failed) == lost
             assert all(o.error and o.error.kind == "AmbiguousSubmitError" for o in failed)
+
+    async def test_a_huge_retry_after_on_the_task_list_does_not_stall_the_batch(
+        self, tmp_path: Path
+    ) -> None:
+        # Every answer to a submit is lost and the task list answers 429 "Retry-After: 3600":
+        # reconciling (which holds the submit lock) waits at most retry_after_max per try, so
+        # the batch ends, its lost submits failed with their intents kept, nothing resent.
+        jobs = make_sample_set(tmp_path / "in", 3, portraits=1, seconds=(0.5, 1.0))
+        faults = FaultConfig(
+            seed=2, ambiguous_submit_rate=1.0, throttle_rate={"task_list": 1.0}, retry_after=3600
+        )
+        retry = attrs.evolve(FAST_RETRY, retry_after_max=0.05)
+        async with Simulator(sim_config(faults=faults)) as sim:
+            async with client_for(sim, retry=retry) as client:
+                with anyio.fail_after(60):
+                    outcomes = await client.run_batch_all(jobs, tmp_path / "out", max_tasks=3)
+            assert [o.state for o in outcomes] == [OutcomeState.FAILED] * 3
+            assert len(sim.ledger.tasks_created) == 3
+            assert sim.ledger.duplicate_tasks() == {}
 
     async def test_query_errors_and_throttling_do_not_stop_polling(self, tmp_path: Path) -> None:
         jobs = make_sample_set(tmp_path / "in", 30, portraits=1, seconds=(0.5, 1.5))
