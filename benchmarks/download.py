@@ -236,10 +236,6 @@ async def make_video(base_url: str, api_key: str) -> str:
     return final.video_url
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def report(args: argparse.Namespace, command: str, baseline: str, results: list[DirResult]) -> str:
     mb = args.size_mb * (1 << 20) / 1e6
     lines = [
@@ -262,7 +258,7 @@ def report(args: argparse.Namespace, command: str, baseline: str, results: list[
     verdicts: list[str] = []
     for res in results:
         rounds = res.rounds
-        floor = _median(res.floor)
+        floor = statistics.median(res.floor)
         lines += [
             f"## {res.label}",
             "",
@@ -276,18 +272,18 @@ def report(args: argparse.Namespace, command: str, baseline: str, results: list[
                 f"| {r.ours_fsync:.3f} | {r.curl / r.ours:.2f} "
                 f"| {(r.curl + r.curl_fsync) / r.ours:.2f} | {r.rss_mb:.1f} |"
             )
-        curl = _median([r.curl for r in rounds])
-        durable = _median([r.curl + r.curl_fsync for r in rounds])
-        ours = _median([r.ours for r in rounds])
-        ours_fsync = _median([r.ours_fsync for r in rounds])
-        ratio = _median([r.curl / r.ours for r in rounds])
-        ratio_durable = _median([(r.curl + r.curl_fsync) / r.ours for r in rounds])
+        curl = statistics.median([r.curl for r in rounds])
+        durable = statistics.median([r.curl + r.curl_fsync for r in rounds])
+        ours = statistics.median([r.ours for r in rounds])
+        ours_fsync = statistics.median([r.ours_fsync for r in rounds])
+        ratio = statistics.median([r.curl / r.ours for r in rounds])
+        ratio_durable = statistics.median([(r.curl + r.curl_fsync) / r.ours for r in rounds])
         max_rss = max(r.rss_mb for r in rounds)
         bound = min(1.0, curl / floor) if floor > 0 else float("inf")
         lines += [
             f"| **median** | **{curl:.3f}** | **{durable:.3f}** | **{ours:.3f}** "
             f"| **{ours_fsync:.3f}** | **{ratio:.2f}** | **{ratio_durable:.2f}** "
-            f"| **{_median([r.rss_mb for r in rounds]):.1f}** |",
+            f"| **{statistics.median([r.rss_mb for r in rounds]):.1f}** |",
             "",
             f"- Throughput: curl -o {mb / curl:.0f} MB/s, ours {mb / ours:.0f} MB/s; disk floor "
             f"{floor:.3f} s ({mb / floor:.0f} MB/s durable).",

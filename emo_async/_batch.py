@@ -826,9 +826,6 @@ class BatchRun:
         return isinstance(exc, TransportError)
 
     async def _pause_after(self, item: _Item, exc: EmoError, attempt: int) -> None:
-        await self._pause_for(item.job.display_name, exc, attempt)
-
-    async def _pause_for(self, name: str, exc: EmoError, attempt: int) -> None:
         # Longer than the request path's own backoff: by now its budget is spent, which means
         # the service is struggling; Retry-After is honoured.
         policy = self._client.retry
@@ -838,7 +835,9 @@ class BatchRun:
             # Capped like the request path's: a list answering "Retry-After: 3600" while a lost
             # submit is reconciled would otherwise hold every submit of the batch for an hour.
             wait = max(wait, min(retry_after, policy.retry_after_max))
-        logger.info("%s: %s; trying again in %.2fs", name, type(exc).__name__, wait)
+        logger.info(
+            "%s: %s; trying again in %.2fs", item.job.display_name, type(exc).__name__, wait
+        )
         await anyio.sleep(wait)
 
     async def _track(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> None:
