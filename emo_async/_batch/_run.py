@@ -30,8 +30,8 @@ import anyio
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._config import DETECT_MODEL, EMO_MODEL
-from ._exceptions import (
+from .._config import DETECT_MODEL, EMO_MODEL
+from .._exceptions import (
     AmbiguousSubmitError,
     APIError,
     DetectionRejectedError,
@@ -43,14 +43,14 @@ from ._exceptions import (
     ResultExpiredError,
     TransportError,
 )
-from ._models import ErrorInfo, Job, Outcome, OutcomeState, Task, TaskStatus
-from ._ratelimit import AdaptiveRateLimiter
-from ._util import single_error
+from .._models import ErrorInfo, Job, Outcome, OutcomeState, Task, TaskStatus
+from .._ratelimit import AdaptiveRateLimiter
+from .._util import single_error
 
 if TYPE_CHECKING:
-    from ._client import Client
-    from ._journal import JobRecord, Journal
-    from ._media import ValidatedJob
+    from .._client import Client
+    from .._journal import JobRecord, Journal
+    from .._media import ValidatedJob
 
 __all__ = ["BatchEvent", "BatchRun", "BatchStats", "run_one"]
 
@@ -250,7 +250,7 @@ class BatchRun:
     # -- the context manager -------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncIterator[Outcome]:
-        from ._names import OutputNames
+        from .._names import OutputNames
 
         stack = AsyncExitStack()
         await stack.__aenter__()
@@ -309,7 +309,7 @@ class BatchRun:
                         pass  # running tasks cannot be cancelled; that is fine
 
     async def _open_journal(self, stack: AsyncExitStack) -> None:
-        from ._journal import Journal, open_journal
+        from .._journal import Journal, open_journal
 
         arg = self._journal_arg
         if arg is None or arg is False:
@@ -389,7 +389,7 @@ class BatchRun:
 
     async def _cleanup_parts(self, resumable: list[JobRecord]) -> None:
         """Remove ``.part`` files no resumable job will continue."""
-        from ._download import cleanup_orphans
+        from .._download import cleanup_orphans
 
         keep = []
         for rec in resumable:
@@ -434,7 +434,7 @@ class BatchRun:
     ) -> None:
         error = ErrorInfo.from_exception(exc) if exc is not None else None
         if self._journal is not None and item.key and journal_phase and state != OutcomeState.DONE:
-            from ._journal import JobPhase
+            from .._journal import JobPhase
 
             with anyio.CancelScope(shield=True):
                 await self._journal.record_terminal(
@@ -480,8 +480,8 @@ class BatchRun:
 
     async def _prepare(self, item: _Item, out: MemoryObjectSendStream[Outcome]) -> bool:
         """Validate, look up the journal, upload, detect. False when the job is settled."""
-        from ._journal import JobPhase, job_key
-        from ._media import validate_keeping
+        from .._journal import JobPhase, job_key
+        from .._media import validate_keeping
 
         try:
             # Small local files come back with their bytes: the upload sends the very bytes
@@ -870,7 +870,7 @@ class BatchRun:
     async def _finish(self, item: _Item, task: Task, out: MemoryObjectSendStream[Outcome]) -> None:
         billed = task.video_duration
         if task.status == TaskStatus.CANCELED:
-            from ._exceptions import JobCancelledError
+            from .._exceptions import JobCancelledError
 
             exc_c = JobCancelledError(f"task {task.task_id} was cancelled", job=item.job)
             await self._emit(out, item, OutcomeState.CANCELLED, exc=exc_c)
@@ -970,7 +970,7 @@ class BatchRun:
     async def _load_resumable(self) -> list[JobRecord]:
         if self._journal is None:
             return []
-        from ._journal import JobPhase
+        from .._journal import JobPhase
 
         records = [
             r
@@ -990,7 +990,7 @@ class BatchRun:
     ) -> None:
         """Pick up what an earlier run left: poll submitted tasks, download finished ones,
         reconcile intents whose answer was lost."""
-        from ._journal import JobPhase
+        from .._journal import JobPhase
 
         try:
             # Open intents first: new submits wait for them (see _intents_settled).
@@ -1052,7 +1052,7 @@ class BatchRun:
     async def _resubmit(
         self, item: _Item, tg: anyio.abc.TaskGroup, out: MemoryObjectSendStream[Outcome]
     ) -> None:
-        from ._media import validate_job
+        from .._media import validate_job
 
         try:
             item.validated = v = await validate_job(item.job)
@@ -1073,7 +1073,7 @@ class BatchRun:
 
 
 def _url_deadline(task: Task) -> _dt.datetime | None:
-    from ._download import url_deadline
+    from .._download import url_deadline
 
     if task.video_url:
         found = url_deadline(task.video_url)

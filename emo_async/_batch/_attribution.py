@@ -1,0 +1,347 @@
+"""Who owns a task whose submit answer was lost: the decision, with no I/O.
+
+A billed POST whose answer never came may or may not have created a task. The account's task
+list is the only evidence, and it cannot say who created a task. The rule:
+
+* **Resend only on proof of absence.** The list must cover the submit's window — a task of
+  ours answered before the POST was sent, and one sent after we gave up (plus a settling
+  delay), both visible, with every task of ours between them visible too — and show no task
+  in that window we cannot account for. Time bounds come from those witnesses' own
+  ``gmt_create`` epochs, so the list's time-filter zone and our clock play no part.
+* **Adopt only on proof of identity.** A candidate lies in the window, is no task of ours,
+  has finished, and its billed duration (and ratio) matches the job's audio; and it is the
+  only such candidate for this submit, and this submit the only lost one it matches.
+* Otherwise **wait** (a candidate is still running, or no later task of ours has yet bounded
+  the window), and once waiting can change nothing, **unresolved**: never resent, the
+  candidates that may be ours named so their videos are kept.
+
+Times: ``sent_at``/``failed_at``/``answered_at`` are our clock; ``created_at`` is the
+server's. They are related only through our own tasks (each was created between its send and
+its answer), never assumed equal.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+
+__all__ = [
+    "Decision",
+    "Evidence",
+    "ListedTask",
+    "LostSubmit",
+    "OwnTask",
+    "Verdict",
+    "decide",
+    "durations_match",
+]
+
+#: Billed seconds may differ from our measurement of the audio by this much (absolute) …
+DURATION_SLACK = 0.05
+#: … or this fraction of it, whichever is larger.
+DURATION_FRACTION = 0.01
+
+_FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
+
+
+class Verdict(enum.StrEnum):
+    """What to do with one lost submit."""
+
+    ADOPT = "adopt"  # the task is ours: track it
+    RESEND = "resend"  # provably nothing was created: send the POST again
+    WAIT = "wait"  # not decidable yet; decide again later
+    UNRESOLVED = "unresolved"  # nothing proves either way: never resend, keep the candidates
+
+
+@attrs.frozen
+class OwnTask:
+    """A task of ours whose submit was answered (or one an earlier run recorded).
+
+    Attributes:
+        task_id: The task.
+        sent_at: When its POST went out (our clock), if known.
+        answered_at: When its answer came back (our clock), if known.
+    """
+
+    task_id: str
+    sent_at: _dt.datetime | None = None
+    answered_at: _dt.datetime | None = None
+
+
+@attrs.frozen
+class ListedTask:
+    """A task as the task list (and, once finished, a task query) shows it.
+
+    Attributes:
+        task_id: The task.
+        created_at: ``gmt_create`` (the server's clock), if the list gave one.
+        status: Its status as a string (``"SUCCEEDED"`` …).
+        video_duration: Billed seconds, once finished and queried.
+        video_ratio: ``"1:1"`` or ``"3:4"``, once finished and queried.
+    """
+
+    task_id: str
+    created_at: _dt.datetime | None
+    status: str
+    video_duration: float | None = None
+    video_ratio: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        if self.status == "SUCCEEDED":
+            return self.video_duration is not None
+        return self.status in _FINISHED
+
+
+@attrs.frozen
+class LostSubmit:
+    """A submit whose answer was lost.
+
+    Attributes:
+        key: The job's key.
+        sent_at: When the POST went out (our clock); for an intent resumed from a journal,
+            when the intent was recorded.
+        failed_at: When we gave up on its answer (our clock); for a resumed intent, when this
+            run started.
+        audio_seconds: The job's audio duration, which emo-v1 bills; None when unknown (a
+            remote audio URL), which makes adoption impossible.
+        ratio: The job's ratio, if known.
+        patience_over: True once waiting for a later witness can no longer help (its wait
+            ran out, or no further submit will come): decide with what there is.
+    """
+
+    key: str
+    sent_at: _dt.datetime
+    failed_at: _dt.datetime
+    audio_seconds: float | None
+    ratio: str | None = None
+    patience_over: bool = False
+
+
+@attrs.frozen
+class Evidence:
+    """Everything the decision reads.
+
+    Attributes:
+        own: Our tasks, by id: this client's answered submits and every task a journal we can
+            see records.
+        listed: One sweep of the task list (newest pages first), with finished candidates'
+            billed durations filled in.
+        complete_after: The sweep is known to hold every task created at or after this server
+            time (the pages were read down past it in order); ``None`` if it proves nothing.
+        reached_end: The sweep read the list to its last page.
+        settle: How long after we gave up a task may still be created by a POST we sent
+            (requests queued in a proxy, a slow handler).
+        skew: Tolerance on the ordering of server timestamps.
+        clock_margin: Used only for bounding adoption windows when no task of ours relates
+            our clock to the server's.
+    """
+
+    own: Mapping[str, OwnTask]
+    listed: Sequence[ListedTask]
+    complete_after: _dt.datetime | None
+    reached_end: bool
+    settle: _dt.timedelta = _dt.timedelta(seconds=2)
+    skew: _dt.timedelta = _dt.timedelta(seconds=1)
+    clock_margin: _dt.timedelta = _dt.timedelta(seconds=30)
+
+
+@attrs.frozen
+class Decision:
+    """The verdict for one lost submit, and why.
+
+    Attributes:
+        verdict: What to do.
+        reason: One sentence for logs and reports.
+        task_id: The adopted task (ADOPT only).
+        candidates: Tasks that may be ours (UNRESOLVED): keep their videos.
+    """
+
+    verdict: Verdict
+    reason: str
+    task_id: str | None = None
+    candidates: tuple[ListedTask, ...] = ()
+
+
+def durations_match(
+    billed: float | None,
+    audio: float | None,
+    *,
+    billed_ratio: str | None = None,
+    ratio: str | None = None,
+) -> bool:
+    """Whether a billed duration (and ratio) fits a job's audio."""
+    if billed is None or audio is None:
+        return False
+    if billed_ratio and ratio and billed_ratio != ratio:
+        return False
+    return abs(billed - audio) <= max(DURATION_SLACK, DURATION_FRACTION * audio)
+
+
+@attrs.frozen
+class _Window:
+    lo: _dt.datetime | None  # None: unbounded below
+    hi: _dt.datetime | None  # None: unbounded above
+    covered: bool  # the sweep provably shows every task created inside it
+    why_not: str
+
+    def holds(self, t: _dt.datetime | None) -> bool:
+        if t is None:
+            return True  # no timestamp: it may be anywhere, so it may be in here
+        return (self.lo is None or t >= self.lo) and (self.hi is None or t <= self.hi)
+
+
+def _offset(ev: Evidence, seen: Mapping[str, ListedTask]) -> tuple[_dt.timedelta, _dt.timedelta]:
+    """Bounds on (server clock − our clock), from our tasks in the sweep."""
+    lows: list[_dt.timedelta] = []
+    highs: list[_dt.timedelta] = []
+    for own in ev.own.values():
+        item = seen.get(own.task_id)
+        if item is None or item.created_at is None:
+            continue
+        if own.answered_at is not None:
+            lows.append(item.created_at - own.answered_at)
+        if own.sent_at is not None:
+            highs.append(item.created_at - own.sent_at)
+    if not lows or not highs:
+        return -ev.clock_margin, ev.clock_margin
+    lo, hi = max(lows), min(highs)
+    if lo > hi:  # the server's clocks disagree with each other: take the hull
+        lo, hi = min(lows), max(highs)
+    return lo - ev.skew, hi + ev.skew
+
+
+def _window(lost: LostSubmit, ev: Evidence, seen: Mapping[str, ListedTask]) -> _Window:
+    before: ListedTask | None = None
+    after: ListedTask | None = None
+    for own in ev.own.values():
+        item = seen.get(own.task_id)
+        if item is None or item.created_at is None:
+            continue
+        if own.answered_at is not None and own.answered_at <= lost.sent_at:
+            if before is None or item.created_at > before.created_at:  # type: ignore[operator]
+                before = item
+        if own.sent_at is not None and own.sent_at >= lost.failed_at + ev.settle:
+            if after is None or item.created_at < after.created_at:  # type: ignore[operator]
+                after = item
+    off_lo, off_hi = _offset(ev, seen)
+    lo = before.created_at - ev.skew if before and before.created_at else None
+    hi = after.created_at + ev.skew if after and after.created_at else None
+    why = ""
+    if before is None and not ev.reached_end:
+        why = "no task of ours from before the submit is visible in the list"
+    if after is None:
+        why = why or "no later task of ours bounds the window yet"
+    if lo is not None and (ev.complete_after is None or ev.complete_after > lo):
+        why = why or "the list was not read down to the window"
+    if not why and lo is None and not ev.reached_end:
+        why = "the list was not read to its end"
+    if not why:
+        # Every task of ours sent between the witnesses must be visible: a list that misses
+        # one of them may miss the lost one too.
+        for own in ev.own.values():
+            if own.task_id in seen:
+                continue
+            sent = own.sent_at or own.answered_at
+            if sent is None:
+                continue
+            after_before = before is None or sent >= _own_sent(ev, before.task_id)
+            if after_before and after is not None and sent <= _own_sent(ev, after.task_id):
+                why = f"our task {own.task_id} from inside the window is missing from the list"
+                break
+    covered = not why
+    # Bounds for adoption when a witness is missing: our clock mapped onto the server's.
+    if lo is None and not ev.reached_end:
+        lo = lost.sent_at + off_lo
+    if hi is None:
+        hi = lost.failed_at + ev.settle + off_hi
+    return _Window(lo=lo, hi=hi, covered=covered, why_not=why)
+
+
+def _own_sent(ev: Evidence, task_id: str) -> _dt.datetime:
+    own = ev.own[task_id]
+    t = own.sent_at or own.answered_at
+    assert t is not None
+    return t
+
+
+def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
+    """Decide every lost submit of one reconciling round together (they may compete for the
+    same candidate)."""
+    losts = list(lost)
+    seen = {t.task_id: t for t in ev.listed if t.task_id}
+    strangers = [t for t in seen.values() if t.task_id not in ev.own]
+    windows = {ls.key: _window(ls, ev, seen) for ls in losts}
+    inside = {ls.key: [t for t in strangers if windows[ls.key].holds(t.created_at)] for ls in losts}
+    matches = {
+        ls.key: [
+            t
+            for t in inside[ls.key]
+            if durations_match(
+                t.video_duration, ls.audio_seconds, billed_ratio=t.video_ratio, ratio=ls.ratio
+            )
+        ]
+        for ls in losts
+    }
+    claimed: dict[str, int] = {}
+    for found in matches.values():
+        for t in found:
+            claimed[t.task_id] = claimed.get(t.task_id, 0) + 1
+    return {
+        ls.key: _verdict(ls, windows[ls.key], inside[ls.key], matches[ls.key], claimed)
+        for ls in losts
+    }
+
+
+def _verdict(
+    lost: LostSubmit,
+    window: _Window,
+    inside: list[ListedTask],
+    matches: list[ListedTask],
+    claimed: Mapping[str, int],
+) -> Decision:
+    running = [t for t in inside if not t.finished]
+    if running:
+        # Any of them may be ours; their billed duration tells once they finish.
+        return Decision(Verdict.WAIT, f"{len(running)} task(s) in the window still running")
+    if not window.covered and not lost.patience_over:
+        # A later task of ours may yet bound the window, and show whether more is in it.
+        return Decision(Verdict.WAIT, window.why_not)
+    if len(matches) == 1 and claimed[matches[0].task_id] == 1:
+        t = matches[0]
+        return Decision(
+            Verdict.ADOPT,
+            f"task {t.task_id} is the only unknown task in the submit window billed"
+            f" {t.video_duration} s for {lost.audio_seconds} s of audio",
+            task_id=t.task_id,
+        )
+    if not inside:
+        if window.covered:
+            return Decision(Verdict.RESEND, "the task list provably shows nothing in the window")
+        return Decision(
+            Verdict.UNRESOLVED, f"the task list cannot show the submit window ({window.why_not})"
+        )
+    if lost.audio_seconds is None:
+        # Nothing can prove a task is this job's; every finished one may be.
+        return Decision(
+            Verdict.UNRESOLVED,
+            f"{len(inside)} unknown task(s) in the submit window and the job's audio duration"
+            " is unknown, so none can be attributed",
+            candidates=tuple(t for t in inside if t.status == "SUCCEEDED"),
+        )
+    if matches:
+        reason = (
+            f"{len(matches)} tasks in the submit window match the job's duration"
+            if len(matches) > 1
+            else f"task {matches[0].task_id} matches this job and another lost submit"
+        )
+        return Decision(Verdict.UNRESOLVED, reason, candidates=tuple(matches))
+    # Billed for other durations: not ours, but unexplained, so absence is not proven either.
+    return Decision(
+        Verdict.UNRESOLVED,
+        f"{len(inside)} unknown task(s) in the submit window, none billed for this job's"
+        f" {lost.audio_seconds} s of audio: not resending while they are unexplained",
+    )
