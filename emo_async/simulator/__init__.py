@@ -55,7 +55,7 @@ from __future__ import annotations
 from ._app import SIM_KEY, SimState, create_app
 from ._clock import SimClock
 from ._config import ENDPOINTS, FaultConfig, SimulatorConfig
-from ._ledger import Ledger, RequestRecord, TaskRecord
+from ._ledger import Ledger, RequestRecord, TaskInputs, TaskRecord
 from ._server import Simulator
 from ._state import TaskSnapshot
 
@@ -69,6 +69,7 @@ __all__ = [
     "SimState",
     "Simulator",
     "SimulatorConfig",
+    "TaskInputs",
     "TaskRecord",
     "TaskSnapshot",
     "create_app",
