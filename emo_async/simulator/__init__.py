@@ -15,7 +15,10 @@ signed URLs (``Expires``, ``ETag``, ``Range``/``If-Range``). Limits (Bearer keys
 buckets answering 429 ``Throttling.RateQuota``, a FIFO concurrency cap), the task lifecycle
 (PENDING → PRE-PROCESSING → RUNNING → POST-PROCESSING → SUCCEEDED | FAILED, CANCELED; UNKNOWN
 after retention) and seeded faults (:class:`FaultConfig`) are configurable; a :class:`Ledger`
-records every request and every task created.
+records every request and every task created, with the inputs it was made from
+(``ledger.task_inputs(task_id)``). ``FaultConfig.other_program_interval`` and
+``Simulator.create_foreign_task()`` play another program billing the same account and key
+(``ledger.foreign_tasks``).
 
 Inputs are really validated: the simulator downloads ``image_url`` / ``audio_url`` — from
 loopback addresses only (or ``oss://`` uploads); anything else is refused with InvalidURL and
