@@ -15,7 +15,10 @@ signed URLs (``Expires``, ``ETag``, ``Range``/``If-Range``). Limits (Bearer keys
 buckets answering 429 ``Throttling.RateQuota``, a FIFO concurrency cap), the task lifecycle
 (PENDING → PRE-PROCESSING → RUNNING → POST-PROCESSING → SUCCEEDED | FAILED, CANCELED; UNKNOWN
 after retention) and seeded faults (:class:`FaultConfig`) are configurable; a :class:`Ledger`
-records every request and every task created.
+records every request and every task created, with the inputs it was made from
+(``ledger.task_inputs(task_id)``). ``FaultConfig.other_program_interval`` and
+``Simulator.create_foreign_task()`` play another program billing the same account and key
+(``ledger.foreign_tasks``).
 
 Inputs are really validated: the simulator downloads ``image_url`` / ``audio_url`` — from
 loopback addresses only (or ``oss://`` uploads); anything else is refused with InvalidURL and
@@ -55,7 +58,7 @@ from __future__ import annotations
 from ._app import SIM_KEY, SimState, create_app
 from ._clock import SimClock
 from ._config import ENDPOINTS, FaultConfig, SimulatorConfig
-from ._ledger import Ledger, RequestRecord, TaskRecord
+from ._ledger import Ledger, RequestRecord, TaskInputs, TaskRecord
 from ._server import Simulator
 from ._state import TaskSnapshot
 
@@ -69,6 +72,7 @@ __all__ = [
     "SimState",
     "Simulator",
     "SimulatorConfig",
+    "TaskInputs",
     "TaskRecord",
     "TaskSnapshot",
     "create_app",

@@ -61,6 +61,12 @@ class FaultConfig:
             ``media``: before the headers).
         ambiguous_submit_rate: Probability that a submit creates its task and then drops the
             connection without answering.
+        lost_before_submit_rate: Probability that a submit is read whole and then its
+            connection dropped WITHOUT creating a task (no answer, nothing billed).
+        submit_code_rate: Probability that a successful submit answer (200, ``output.task_id``,
+            a real task) also carries a top-level ``code`` (``submit_code``) and ``message``
+            (``"Success"``), as some gateways send.
+        submit_code: That ``code``: ``"Success"`` (default) or an int such as ``0``.
         throttle_rate: Endpoint → probability of an extra 429 ``Throttling.RateQuota``.
         retry_after: If set, every 429 carries ``Retry-After: <seconds>``.
         truncate_rate: Media: send the headers, then cut the body at a random offset and close.
@@ -70,7 +76,16 @@ class FaultConfig:
         ignore_range_rate: Media: answer a Range request with 200 and the full body.
         list_time_shift: Seconds by which the task list reads its ``start_time``/``end_time``
             filter wrongly (e.g. 28800 for a UTC+8 vs UTC mix-up): a list that silently misses
-            the tasks it is asked for.
+            the tasks it is asked for. Only the filter shifts: ``gmt_create`` and the other
+            epochs in the items stay true.
+        list_ignores_page_no: The task list serves page 1 whatever ``page_no`` asks (and echoes
+            ``page_no``), and sends no ``total_page``: a pager that waits for a short page
+            loops forever.
+        other_program_interval: REAL seconds between submits of "another program" using the
+            same account and key: while set, a task (seeded audio of 2-8 s, so another billed
+            ``video_duration``) appears every interval, runs and succeeds like any other, and
+            shows in ``GET /tasks`` with the same ``api_key_id``. ``ledger.foreign_tasks``
+            names them. Made lazily when a request arrives; counted from when the knob is set.
     """
 
     seed: int = 0
@@ -79,6 +94,9 @@ class FaultConfig:
     error_rate: Mapping[str, float] = attrs.field(factory=dict, converter=_rate_map)
     reset_rate: Mapping[str, float] = attrs.field(factory=dict, converter=_rate_map)
     ambiguous_submit_rate: float = attrs.field(default=0.0, validator=_probability)
+    lost_before_submit_rate: float = attrs.field(default=0.0, validator=_probability)
+    submit_code_rate: float = attrs.field(default=0.0, validator=_probability)
+    submit_code: str | int = attrs.field(default="Success")
     throttle_rate: Mapping[str, float] = attrs.field(factory=dict, converter=_rate_map)
     retry_after: float | None = attrs.field(default=None)
     truncate_rate: float = attrs.field(default=0.0, validator=_probability)
@@ -87,6 +105,8 @@ class FaultConfig:
     slow_delay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0.0))
     ignore_range_rate: float = attrs.field(default=0.0, validator=_probability)
     list_time_shift: float = 0.0
+    list_ignores_page_no: bool = False
+    other_program_interval: float | None = attrs.field(default=None, validator=_optional_rate)
 
     @retry_after.validator
     def _check_retry_after(
@@ -94,6 +114,11 @@ class FaultConfig:
     ) -> None:
         if value is not None and not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"retry_after must be >= 0 or None, got {value}")
+
+    @submit_code.validator
+    def _check_submit_code(self, _attribute: attrs.Attribute[str | int], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise TypeError(f"submit_code must be a str or an int, got {value!r}")
 
 
 def _api_keys(value: object) -> frozenset[str]:

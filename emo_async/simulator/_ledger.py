@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import attrs
 
-__all__ = ["Ledger", "RequestRecord", "TaskRecord"]
+__all__ = ["Ledger", "RequestRecord", "TaskInputs", "TaskRecord"]
 
 
 @attrs.frozen(kw_only=True)
@@ -23,7 +23,8 @@ class RequestRecord:
         status: HTTP status sent, or None when the connection was dropped without an answer.
         authorization: An ``Authorization`` header was present.
         fault: The injected fault, if any (``"error"``, ``"reset"``, ``"throttle"``,
-            ``"ambiguous"``, ``"truncate"``, ``"ignore_range"``, ``"etag_change"``, ``"slow"``).
+            ``"ambiguous"``, ``"lost"``, ``"submit_code"``, ``"truncate"``, ``"ignore_range"``,
+            ``"etag_change"``, ``"slow"``).
         bytes_sent: Body bytes sent.
     """
 
@@ -39,6 +40,34 @@ class RequestRecord:
 
 
 @attrs.frozen(kw_only=True)
+class TaskInputs:
+    """What a task was made from, so a test can prove which job a video belongs to.
+
+    Attributes:
+        image_url: The ``image_url`` submitted (as sent, ``oss://`` included).
+        audio_url: The ``audio_url`` submitted.
+        audio_duration: Seconds of audio the simulator measured (10.0 assumed when inputs are
+            not validated); ``usage.video_duration`` bills it rounded to 2 decimals.
+        api_key_id: The ``api_key_id`` of the Bearer key that submitted it (as in the list).
+        image_sha256: sha256 (hex) of the image bytes (of the URL when not validated).
+        audio_sha256: sha256 (hex) of the audio bytes (of the URL when not validated).
+        face_bbox: The submitted ``face_bbox``.
+        ext_bbox: The submitted ``ext_bbox``.
+        style_level: The style level.
+    """
+
+    image_url: str
+    audio_url: str
+    audio_duration: float
+    api_key_id: str
+    image_sha256: str
+    audio_sha256: str
+    face_bbox: tuple[int, int, int, int]
+    ext_bbox: tuple[int, int, int, int]
+    style_level: str
+
+
+@attrs.frozen(kw_only=True)
 class TaskRecord:
     """A task the simulator created (the billing ledger).
 
@@ -48,27 +77,41 @@ class TaskRecord:
             audio, both boxes, style level): two submits of the same job share it.
         created_at: ``time.monotonic()`` at creation.
         request_id: The submit's request id.
+        inputs: What it was made from.
+        foreign: Made by "another program" on the same account and key
+            (``FaultConfig.other_program_interval``, ``Simulator.create_foreign_task``), not
+            by a request to the API.
     """
 
     task_id: str
     fingerprint: str
     created_at: float
     request_id: str
+    inputs: TaskInputs | None = None
+    foreign: bool = False
 
 
 class Ledger:
-    """Everything the simulator saw: requests per endpoint and the tasks it created."""
+    """Everything the simulator saw: requests per endpoint and the tasks it created.
+
+    ``tasks_created`` holds every task billed to the account, the other program's included;
+    ``foreign_tasks`` names those that no request to the API created.
+    """
 
     def __init__(self) -> None:
         self.requests: list[RequestRecord] = []
         self.tasks_created: list[TaskRecord] = []
+        self.foreign_tasks: set[str] = set()
         self.max_running_observed = 0
+        self._by_id: dict[str, TaskRecord] = {}
 
     def reset(self) -> None:
         """Forget everything recorded so far."""
         self.requests = []
         self.tasks_created = []
+        self.foreign_tasks = set()
         self.max_running_observed = 0
+        self._by_id = {}
 
     def record(self, record: RequestRecord) -> None:
         """Append a request record."""
@@ -77,6 +120,28 @@ class Ledger:
     def record_task(self, record: TaskRecord) -> None:
         """Append a created task."""
         self.tasks_created.append(record)
+        self._by_id[record.task_id] = record
+        if record.foreign:
+            self.foreign_tasks.add(record.task_id)
+
+    def task(self, task_id: str) -> TaskRecord:
+        """The record of a created task.
+
+        Raises:
+            KeyError: No such task was recorded.
+        """
+        return self._by_id[task_id]
+
+    def task_inputs(self, task_id: str) -> TaskInputs:
+        """What a created task was made from.
+
+        Raises:
+            KeyError: No such task was recorded, or it was recorded without its inputs.
+        """
+        inputs = self._by_id[task_id].inputs
+        if inputs is None:
+            raise KeyError(task_id)
+        return inputs
 
     def count(self, endpoint: str | None = None, *, status: int | None = None) -> int:
         """Requests of an endpoint (all if None), optionally only those answered ``status``."""

@@ -6,12 +6,14 @@ import socket
 from collections.abc import Mapping
 from types import TracebackType
 
+import attrs
 from aiohttp import web
 
 from ._app import SIM_KEY, SimState, create_app
 from ._clock import SimClock
 from ._config import FaultConfig, SimulatorConfig
 from ._ledger import Ledger
+from ._media_host import result_video
 from ._state import TaskSnapshot, TasksView
 
 __all__ = ["Simulator"]
@@ -114,8 +116,7 @@ class Simulator:
     @property
     def api_key(self) -> str:
         """A key the simulator accepts (``sk-simulator`` unless configured otherwise)."""
-        keys = self._config.api_keys
-        return "sk-simulator" if "sk-simulator" in keys else sorted(keys)[0]
+        return self._state.default_api_key
 
     @property
     def config(self) -> SimulatorConfig:
@@ -129,7 +130,8 @@ class Simulator:
 
     @property
     def ledger(self) -> Ledger:
-        """What the simulator saw and did."""
+        """What the simulator saw and did (the other program's due tasks included)."""
+        self._state.other_program.catch_up()
         return self._state.ledger
 
     @property
@@ -140,12 +142,11 @@ class Simulator:
     @property
     def tasks(self) -> Mapping[str, TaskSnapshot]:
         """Task id → snapshot of the task now (read-only)."""
+        self._state.other_program.catch_up()
         return TasksView(self._state.store)
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Swap the fault knobs while running (the dice are reseeded from ``faults.seed``)."""
-        import attrs
-
         self._config = attrs.evolve(self._config, faults=faults)
         self._state.config = self._config
         self._state.set_faults(faults)
@@ -161,4 +162,20 @@ class Simulator:
         task = store.raw(task_id)
         if task is None or task.status(now) != "SUCCEEDED":
             raise KeyError(task_id)
-        return self._state.video(task)
+        return result_video(self._state, task)
+
+    def create_foreign_task(self, audio_seconds: float | None = None) -> str:
+        """Create a task now, as another program using the same account and key would.
+
+        It runs, succeeds and is billed like any other, shows in ``GET /tasks`` and
+        ``GET /tasks/{id}`` with the same ``api_key_id``, and is named in
+        ``ledger.foreign_tasks``.
+
+        Args:
+            audio_seconds: Its audio's duration, billed as ``usage.video_duration``; None
+                draws one from the seeded 2-8 s range.
+
+        Returns:
+            The task id.
+        """
+        return self._state.create_foreign_task(audio_seconds)

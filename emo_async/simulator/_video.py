@@ -154,13 +154,15 @@ def _plane(frame: Any, index: int, band: Any) -> None:
     plane.update(data)
 
 
-def render_mp4(inputs: VideoInputs, *, generation: int = 0) -> bytes:
+def render_mp4(inputs: VideoInputs, *, generation: int = 0, label: str = "") -> bytes:
     """Encode one result video (blocking; a 6 s clip takes a fraction of a second).
 
     Args:
         inputs: The portrait, the voice and the boxes.
         generation: Written into the file's metadata, so a rewritten object (the simulator's
             ETag-change fault) has other bytes.
+        label: Also written into the metadata: the simulator passes the task id, so two tasks
+            made from the same inputs still differ, and a test can tell whose video a file is.
 
     Returns:
         The MP4 file's bytes.
@@ -191,7 +193,8 @@ def render_mp4(inputs: VideoInputs, *, generation: int = 0) -> bytes:
 
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
-        out.metadata["comment"] = f"emo_async simulator result, generation {generation}"
+        name = f"result {label}" if label else "result"
+        out.metadata["comment"] = f"emo_async simulator {name}, generation {generation}"
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         video: Any = out.add_stream(codec, rate=FPS)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
@@ -346,7 +349,7 @@ class RealVideos:
         try:
             inputs = self._inputs_of(task)
             data = await anyio.to_thread.run_sync(
-                lambda: render_mp4(inputs, generation=task.media_generation)
+                lambda: render_mp4(inputs, generation=task.media_generation, label=task.task_id)
             )
             return self._store(key, data)
         finally:
@@ -360,4 +363,6 @@ class RealVideos:
         data = self._videos.get(key)
         if data is not None:
             return data
-        return self._store(key, render_mp4(self._inputs_of(task), generation=task.media_generation))
+        inputs = self._inputs_of(task)
+        data = render_mp4(inputs, generation=task.media_generation, label=task.task_id)
+        return self._store(key, data)
