@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import emo_async
 from emo_async._exceptions import JournalCorruptError, JournalError, JournalLockedError
 from emo_async._journal import (
+    SCHEMA_VERSION,
     JobPhase,
     Journal,
     JournalSummary,
@@ -373,7 +374,9 @@ class TestRecords:
             with pytest.raises(JournalError, match="cannot be marked done"):
                 await journal.record_done("k", path="p", size=1, sha256="s")
 
-    async def test_retry_after_failure_starts_a_fresh_attempt(self, tmp_path: Path) -> None:
+    async def test_retry_after_expiry_needs_a_reset_and_starts_a_fresh_attempt(
+        self, tmp_path: Path
+    ) -> None:
         async with open_journal(tmp_path / "j.sqlite3") as journal:
             await journal.register("k", _job())
             await journal.record_intent("k", at=T0)
@@ -384,6 +387,13 @@ class TestRecords:
                 error=ErrorInfo("ResultExpiredError", "gone"),
                 billed_seconds=4,
             )
+            # That video was paid for: no new attempt unless the user asked to pay again.
+            with pytest.raises(JournalError, match="expired.*reset_expired"):
+                await journal.record_intent("k", at=T0 + dt.timedelta(hours=1))
+            rec = await journal.get("k")
+            assert rec is not None
+            assert (rec.phase, rec.attempts, rec.task_id) == ("expired", 1, "t1")
+            await journal.reset_expired("k")
             await journal.record_intent("k", at=T0 + dt.timedelta(hours=1))
             rec = await journal.get("k")
             assert rec is not None
@@ -621,7 +631,10 @@ def _other_schema(path: Path) -> None:
 def _newer_journal(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
-        db.execute("INSERT INTO meta VALUES ('schema', 'emo_async.journal'), ('version', '2')")
+        db.execute(
+            "INSERT INTO meta VALUES ('schema', 'emo_async.journal'), ('version', ?)",
+            (str(SCHEMA_VERSION + 1),),
+        )
     db.close()
 
 
@@ -763,6 +776,7 @@ class TestSummary:
         assert dict(summary.by_phase) == {
             "new": 1,
             "intent": 1,
+            "unresolved": 0,
             "submitted": 1,
             "finished": 3,
             "done": 2,
