@@ -388,7 +388,7 @@ class TestRecords:
                 billed_seconds=4,
             )
             # That video was paid for: no new attempt unless the user asked to pay again.
-            with pytest.raises(JournalError, match="expired.*reset_expired"):
+            with pytest.raises(JournalError, match=r"expired.*reset_expired"):
                 await journal.record_intent("k", at=T0 + dt.timedelta(hours=1))
             rec = await journal.get("k")
             assert rec is not None
@@ -565,10 +565,64 @@ class TestLock:
 
     async def test_lock_is_released_on_close(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
-        async with open_journal(path):
-            pass
+        journal = await Journal.open(path)
+        try:
+            await journal.register("k", _job())
+            await journal.record_intent("k", at=T0)
+            # Held: neither this process nor another gets in.
+            with pytest.raises(JournalLockedError):
+                await Journal.open(path)
+            code, out, err = await _python(_TRY_OPEN, str(path))
+            assert code == 0, err
+            assert out.startswith("JournalLockedError"), out
+        finally:
+            await journal.aclose()
+        await journal.aclose()  # twice is fine
+        # Released: another process opens it, and so does this one, with the data intact.
+        code, out, err = await _python(_TRY_OPEN, str(path))
+        assert (code, out.strip()) == (0, "opened"), err
+        async with open_journal(path) as again:
+            rec = await again.get("k")
+            assert rec is not None
+            assert rec.phase is JobPhase.INTENT
+
+    async def test_lock_file_symlink_is_not_followed(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        precious = tmp_path / "precious.txt"
+        precious.write_text("not yours\n")
+        lock = tmp_path / "j.sqlite3.lock"
+        lock.symlink_to(precious)
+        with pytest.raises(JournalError, match="is a symlink; refusing to follow it"):
+            await Journal.open(path)
+        # The target is untouched (not truncated, no pid written) and the link still a link.
+        assert precious.read_text() == "not yours\n"
+        assert lock.is_symlink()
+        assert not path.exists()
+        # A dangling link would be created through by O_CREAT: refused the same way.
+        lock.unlink()
+        elsewhere = tmp_path / "elsewhere.lock"
+        lock.symlink_to(elsewhere)
+        with pytest.raises(JournalError, match="symlink"):
+            await Journal.open(path)
+        assert not elsewhere.exists()
+
+    async def test_lock_file_that_is_not_a_regular_file_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        os.mkfifo(tmp_path / "j.sqlite3.lock")
+        with pytest.raises(JournalError, match="not a regular file"):
+            await Journal.open(path)
+        assert not path.exists()
+
+    async def test_hard_linked_lock_file_is_locked_but_not_rewritten(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        other = tmp_path / "other.txt"
+        other.write_text("shared content\n")
+        os.link(other, tmp_path / "j.sqlite3.lock")
         async with open_journal(path) as journal:
             await journal.register("k", _job())
+            with pytest.raises(JournalLockedError):
+                await Journal.open(path)
+        assert other.read_text() == "shared content\n"
 
     async def test_second_open_in_another_process_is_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
