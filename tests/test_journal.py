@@ -1035,8 +1035,9 @@ class TestGroupCommit:
                 await journal.register(key, _job(key))
             await journal.known_task_ids()  # the registrations are committed
             conn = journal._db()
-            real_db = conn._db
-            assert real_db is not None
+            found_db = conn._db
+            assert found_db is not None
+            real_db: sqlite3.Connection = found_db
 
             class FailingCommit:
                 """The real connection, except that COMMIT fails (as on a full disk)."""

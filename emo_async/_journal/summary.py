@@ -207,7 +207,7 @@ def _unresolved(conn: sqlite3.Connection) -> tuple[UnresolvedJob, ...]:
     by_key: dict[str, list[Candidate]] = {}
     for row in conn.execute(
         "SELECT c.* FROM candidates c JOIN jobs j ON j.key = c.key WHERE j.phase = ?"
-        " ORDER BY c.created_at, c.task_id",
+        " ORDER BY c.created_at IS NULL, c.created_at, c.task_id",
         (JobPhase.UNRESOLVED,),
     ):
         by_key.setdefault(row["key"], []).append(Candidate.from_row(row))

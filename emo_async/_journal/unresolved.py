@@ -110,11 +110,11 @@ class Settling(JournalBase):
 
     async def candidates(self, key: str | None = None) -> list[Candidate]:
         """The candidate tasks of one job, or (``key`` None) every unattributed task once,
-        oldest first."""
+        oldest first (those of unknown age last)."""
         if key is not None:
             rows = await self._fetchall(
                 f"SELECT {_CANDIDATE_COLUMNS} FROM candidates WHERE key = ?"
-                " ORDER BY created_at, task_id",
+                " ORDER BY created_at IS NULL, created_at, task_id",
                 (key,),
             )
         else:
@@ -123,7 +123,7 @@ class Settling(JournalBase):
             rows = await self._fetchall(
                 f"SELECT {_CANDIDATE_COLUMNS} FROM candidates WHERE rowid IN"
                 " (SELECT MIN(rowid) FROM candidates GROUP BY task_id)"
-                " ORDER BY created_at, task_id"
+                " ORDER BY created_at IS NULL, created_at, task_id"
             )
         return [Candidate.from_row(row) for row in rows]
 
