@@ -215,14 +215,20 @@ def upgrade(conn: sqlite3.Connection, path: Path, version: int) -> None:
         rows = [str(row[0]) for row in conn.execute("PRAGMA quick_check(1)")]
         if rows != ["ok"]:
             raise JournalCorruptError(f"journal {path} is damaged: {'; '.join(rows)}")
-        steps = [MIGRATIONS[n] for n in range(version + 1, SCHEMA_VERSION + 1)]
+        steps = [(n, MIGRATIONS[n]) for n in range(version + 1, SCHEMA_VERSION + 1)]
     else:
         # The schema and its meta land in one transaction, whole or not at all.
-        steps = ["".join([SCHEMA_V1, *(MIGRATIONS[n] for n in sorted(MIGRATIONS))])]
-    for script in steps:
+        whole = "".join([SCHEMA_V1, *(MIGRATIONS[n] for n in sorted(MIGRATIONS))])
+        steps = [(SCHEMA_VERSION, whole)]
+    for number, script in steps:
         try:
             conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if version and isinstance(exc, sqlite3.Error):
+                raise JournalError(
+                    f"cannot upgrade journal {path} to version {number}: {exc}; it was left"
+                    f" at version {number - 1}"
+                ) from exc
             raise
