@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import emo_async
 from emo_async._exceptions import JournalCorruptError, JournalError, JournalLockedError
 from emo_async._journal import (
+    SCHEMA_VERSION,
     JobPhase,
     Journal,
     JournalSummary,
@@ -373,7 +374,9 @@ class TestRecords:
             with pytest.raises(JournalError, match="cannot be marked done"):
                 await journal.record_done("k", path="p", size=1, sha256="s")
 
-    async def test_retry_after_failure_starts_a_fresh_attempt(self, tmp_path: Path) -> None:
+    async def test_retry_after_expiry_needs_a_reset_and_starts_a_fresh_attempt(
+        self, tmp_path: Path
+    ) -> None:
         async with open_journal(tmp_path / "j.sqlite3") as journal:
             await journal.register("k", _job())
             await journal.record_intent("k", at=T0)
@@ -384,6 +387,13 @@ class TestRecords:
                 error=ErrorInfo("ResultExpiredError", "gone"),
                 billed_seconds=4,
             )
+            # That video was paid for: no new attempt unless the user asked to pay again.
+            with pytest.raises(JournalError, match=r"expired.*reset_expired"):
+                await journal.record_intent("k", at=T0 + dt.timedelta(hours=1))
+            rec = await journal.get("k")
+            assert rec is not None
+            assert (rec.phase, rec.attempts, rec.task_id) == ("expired", 1, "t1")
+            await journal.reset_expired("k")
             await journal.record_intent("k", at=T0 + dt.timedelta(hours=1))
             rec = await journal.get("k")
             assert rec is not None
@@ -555,10 +565,64 @@ class TestLock:
 
     async def test_lock_is_released_on_close(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
-        async with open_journal(path):
-            pass
+        journal = await Journal.open(path)
+        try:
+            await journal.register("k", _job())
+            await journal.record_intent("k", at=T0)
+            # Held: neither this process nor another gets in.
+            with pytest.raises(JournalLockedError):
+                await Journal.open(path)
+            code, out, err = await _python(_TRY_OPEN, str(path))
+            assert code == 0, err
+            assert out.startswith("JournalLockedError"), out
+        finally:
+            await journal.aclose()
+        await journal.aclose()  # twice is fine
+        # Released: another process opens it, and so does this one, with the data intact.
+        code, out, err = await _python(_TRY_OPEN, str(path))
+        assert (code, out.strip()) == (0, "opened"), err
+        async with open_journal(path) as again:
+            rec = await again.get("k")
+            assert rec is not None
+            assert rec.phase is JobPhase.INTENT
+
+    async def test_lock_file_symlink_is_not_followed(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        precious = tmp_path / "precious.txt"
+        precious.write_text("not yours\n")
+        lock = tmp_path / "j.sqlite3.lock"
+        lock.symlink_to(precious)
+        with pytest.raises(JournalError, match="is a symlink; refusing to follow it"):
+            await Journal.open(path)
+        # The target is untouched (not truncated, no pid written) and the link still a link.
+        assert precious.read_text() == "not yours\n"
+        assert lock.is_symlink()
+        assert not path.exists()
+        # A dangling link would be created through by O_CREAT: refused the same way.
+        lock.unlink()
+        elsewhere = tmp_path / "elsewhere.lock"
+        lock.symlink_to(elsewhere)
+        with pytest.raises(JournalError, match="symlink"):
+            await Journal.open(path)
+        assert not elsewhere.exists()
+
+    async def test_lock_file_that_is_not_a_regular_file_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        os.mkfifo(tmp_path / "j.sqlite3.lock")
+        with pytest.raises(JournalError, match="not a regular file"):
+            await Journal.open(path)
+        assert not path.exists()
+
+    async def test_hard_linked_lock_file_is_locked_but_not_rewritten(self, tmp_path: Path) -> None:
+        path = tmp_path / "j.sqlite3"
+        other = tmp_path / "other.txt"
+        other.write_text("shared content\n")
+        os.link(other, tmp_path / "j.sqlite3.lock")
         async with open_journal(path) as journal:
             await journal.register("k", _job())
+            with pytest.raises(JournalLockedError):
+                await Journal.open(path)
+        assert other.read_text() == "shared content\n"
 
     async def test_second_open_in_another_process_is_refused(self, tmp_path: Path) -> None:
         path = tmp_path / "j.sqlite3"
@@ -621,7 +685,10 @@ def _other_schema(path: Path) -> None:
 def _newer_journal(path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
-        db.execute("INSERT INTO meta VALUES ('schema', 'emo_async.journal'), ('version', '2')")
+        db.execute(
+            "INSERT INTO meta VALUES ('schema', 'emo_async.journal'), ('version', ?)",
+            (str(SCHEMA_VERSION + 1),),
+        )
     db.close()
 
 
@@ -763,6 +830,7 @@ class TestSummary:
         assert dict(summary.by_phase) == {
             "new": 1,
             "intent": 1,
+            "unresolved": 0,
             "submitted": 1,
             "finished": 3,
             "done": 2,
@@ -967,8 +1035,9 @@ class TestGroupCommit:
                 await journal.register(key, _job(key))
             await journal.known_task_ids()  # the registrations are committed
             conn = journal._db()
-            real_db = conn._db
-            assert real_db is not None
+            found_db = conn._db
+            assert found_db is not None
+            real_db: sqlite3.Connection = found_db
 
             class FailingCommit:
                 """The real connection, except that COMMIT fails (as on a full disk)."""
