@@ -177,7 +177,7 @@ class StatusPoller:
         audio_seconds: float | None = None,
         submitted_at: float | None = None,
     ) -> None:
-        """Start watching a task (idempotent)."""
+        """Start watching a task (idempotent); ``submitted_at`` is on the poller's clock."""
         if task_id in self._entries:
             return
         now = self._clock()
