@@ -36,6 +36,7 @@ from anyio.abc import TaskStatus as AnyioTaskStatus
 from ._config import PollPolicy
 from ._exceptions import APIError, EmoError
 from ._models import Task, TaskListItem, TaskStatus
+from ._ratelimit import Clock
 
 __all__ = ["DurationModel", "PollerStatistics", "StatusPoller"]
 
@@ -44,6 +45,8 @@ logger = logging.getLogger("emo_async.poller")
 FetchTask = Callable[[str], Awaitable[Task]]
 #: Yields the newest tasks first, reading at most ``max_pages`` pages.
 ListTasks = Callable[[int], AsyncIterator[TaskListItem]]
+#: A cancel scope that expires after that many seconds of the poller's :data:`Clock`.
+Timeout = Callable[[float], anyio.CancelScope]
 
 #: A task reported UNKNOWN this soon after we started watching it is asked again: right after
 #: a submit it means "not visible yet", not "expired".
@@ -145,8 +148,13 @@ class StatusPoller:
         list_tasks: ListTasks,
         *,
         max_concurrent_queries: int = 16,
+        clock: Clock = time.monotonic,
+        move_on_after: Timeout = anyio.move_on_after,
     ) -> None:
         self.policy = policy
+        # Tests pass a fake clock and its timeout, to step through hours of polling at once.
+        self._clock = clock
+        self._move_on_after = move_on_after
         self._fetch = fetch
         self._list = list_tasks
         self._entries: dict[str, _Entry] = {}
@@ -169,10 +177,10 @@ class StatusPoller:
         audio_seconds: float | None = None,
         submitted_at: float | None = None,
     ) -> None:
-        """Start watching a task (idempotent)."""
+        """Start watching a task (idempotent); ``submitted_at`` is on the poller's clock."""
         if task_id in self._entries:
             return
-        now = time.monotonic()
+        now = self._clock()
         submitted = submitted_at if submitted_at is not None else now
         earliest = submitted + self.model.earliest(audio_seconds)
         self._entries[task_id] = _Entry(
@@ -238,12 +246,12 @@ class StatusPoller:
                     self._wakeup = anyio.Event()
                     await self._wakeup.wait()
                     continue
-                now = time.monotonic()
+                now = self._clock()
                 earliest_due = min(e.earliest for e in open_entries)
                 wake_at = max(next_round, earliest_due)
                 if wake_at > now:
                     self._wakeup = anyio.Event()
-                    with anyio.move_on_after(wake_at - now):
+                    with self._move_on_after(wake_at - now):
                         await self._wakeup.wait()
                     continue
                 next_round = now + self.policy.target_delay
@@ -324,7 +332,7 @@ class StatusPoller:
             return
         finally:
             entry.querying = False
-        now = time.monotonic()
+        now = self._clock()
         if task.status == TaskStatus.UNKNOWN and now - entry.submitted < _UNKNOWN_GRACE:
             # Just submitted, yet "does not exist": a lagging replica, not an expired task.
             self._retry_later(entry, None)
@@ -350,7 +358,7 @@ class StatusPoller:
     def _retry_later(self, entry: _Entry, exc: BaseException | None) -> None:
         if exc is not None:
             logger.info("status query for %s failed: %s", entry.task_id, exc)
-        now = time.monotonic()
+        now = self._clock()
         entry.next_direct = now + self.policy.target_delay
         entry.earliest = max(entry.earliest, now + self.policy.target_delay / 2)
 

@@ -21,12 +21,17 @@ large one overruns a 20/s account limit on every success.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 import attrs
 
-__all__ = ["AdaptiveRateLimiter", "RateLimiterStatistics"]
+__all__ = ["AdaptiveRateLimiter", "Clock", "RateLimiterStatistics", "Sleep"]
+
+#: Monotonic seconds.
+Clock = Callable[[], float]
+#: Waits that many seconds of the matching :data:`Clock`.
+Sleep = Callable[[float], Awaitable[None]]
 
 
 @attrs.frozen
@@ -72,7 +77,8 @@ class AdaptiveRateLimiter:
         recovery: float = 0.2,
         probe: float = 0.002,
         recover_seconds: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = anyio.sleep,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be > 0")
@@ -85,7 +91,9 @@ class AdaptiveRateLimiter:
         if recover_seconds <= 0:
             raise ValueError("recover_seconds must be > 0")
         self.name = name
-        self._clock = clock  # monotonic seconds (tests pass a fake clock)
+        # Tests pass a fake clock and its sleep, to check spacing without waiting for it.
+        self._clock = clock
+        self._sleep = sleep
         self.max_rate = float(rate)
         self.min_rate = float(min_rate) if min_rate is not None else max(0.1, rate / 20)
         self._rate = float(rate)
@@ -127,7 +135,7 @@ class AdaptiveRateLimiter:
                     wait = max(self._next - now, self._paused_until - now)
                     if wait <= 0:
                         break
-                    await anyio.sleep(wait)
+                    await self._sleep(wait)
                 # 5 % slack: jitter between our send and the server's arrival (a busy loop,
                 # the network) must not squeeze rate+1 requests into one second there.
                 self._next = max(self._next, now) + self._SLACK / self._rate

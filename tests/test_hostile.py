@@ -15,6 +15,8 @@ import json
 import os
 import re
 import struct
+import sys
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -134,9 +136,33 @@ class TestCorpus:
             assert (HOSTILE / "manifests" / case["file"]).is_file()
         assert {p.name for p in FILES.iterdir()} == used
 
-    def test_folder_stays_small(self) -> None:
-        total = sum(p.stat().st_size for p in HOSTILE.rglob("*") if p.is_file())
-        assert total < 1_000_000
+    def test_folder_stays_small(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The folder holds exactly what ``make_corpus.py`` writes (with ``cases.json`` and the
+        script), every file is small, and the big inputs (a 15 MB WAV, a 60 s WAV) are made by
+        the tests in ``tmp_path``, not committed."""
+        # Run the generator into tmp_path (exec, not import: no __pycache__ in the folder).
+        script = HOSTILE / "make_corpus.py"
+        corpus = types.ModuleType("make_corpus")
+        corpus.__file__ = str(script)
+        monkeypatch.setattr(sys, "path", list(sys.path))  # the script adds the repo root
+        exec(compile(script.read_text(), str(script), "exec"), corpus.__dict__)
+        monkeypatch.setattr(corpus, "FILES", tmp_path / "files")
+        monkeypatch.setattr(corpus, "MANIFESTS", tmp_path / "manifests")
+        (tmp_path / "files").mkdir()
+        corpus.images()
+        corpus.audio()
+        corpus.manifests()
+        made = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+
+        sizes = {
+            p.relative_to(HOSTILE).as_posix(): p.stat().st_size
+            for p in HOSTILE.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+        assert set(sizes) - {"cases.json", "make_corpus.py"} == made
+        largest = max(sizes, key=sizes.__getitem__)
+        assert sizes[largest] <= 64 * 1024, (largest, sizes[largest])
+        assert sum(sizes.values()) < 1_000_000
 
 
 class TestValidation:

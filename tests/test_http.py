@@ -351,9 +351,32 @@ class TestClientSetup:
         client = Client()
         assert client.base_url == "http://127.0.0.1:9/api/v1"
 
-    def test_default_base_url_is_beijing(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.delenv("DASHSCOPE_HTTP_BASE_URL", raising=False)
-        assert Client(KEY).base_url == "https://dashscope.aliyuncs.com/api/v1"
+    async def test_default_base_url_is_beijing(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """With no base_url and no DASHSCOPE_HTTP_BASE_URL, requests really go to Beijing's
+        host, over TLS on 443: a loopback proxy sees where the client connects."""
+        seen: list[bytes] = []
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append((await reader.readuntil(b"\r\n\r\n")).split(b"\r\n", 1)[0])
+            writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for name in ("DASHSCOPE_HTTP_BASE_URL", "HTTPS_PROXY", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{port}")
+        try:
+            client = Client(KEY, retry=RetryPolicy(attempts=1))
+            assert client.base_url == "https://dashscope.aliyuncs.com/api/v1"
+            async with client:
+                with pytest.raises(emo_async.EmoError):
+                    await client.get_task("abc")
+        finally:
+            server.close()
+            await server.wait_closed()
+        assert seen == [b"CONNECT dashscope.aliyuncs.com:443 HTTP/1.1"]
 
     @pytest.mark.parametrize(
         "url", ["http://dashscope.aliyuncs.com/api/v1", "ftp://x/api", "http://user:pw@127.0.0.1/"]
