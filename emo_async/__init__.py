@@ -5,7 +5,7 @@ task through one shared poller, download before the URL expires, and journal eve
 crashed batch resumes without paying twice.
 """
 
-from ._batch import BatchEvent, BatchRun, BatchStats
+from ._batch import BatchEvent, BatchPolicy, BatchRun, BatchStats, EventKind, ReconcilePolicy
 from ._client import Client, ClientStatistics
 from ._config import (
     DEFAULT_BASE_URL,
@@ -57,6 +57,7 @@ from ._exceptions import (
     ResultExpiredError,
     ServerError,
     TransportError,
+    UnresolvedSubmitError,
     UnsupportedOperationError,
 )
 from ._journal import Journal, JournalSummary, open_journal, read_summary
@@ -85,6 +86,7 @@ __all__ = [
     "AmbiguousSubmitError",
     "AuthenticationError",
     "BatchEvent",
+    "BatchPolicy",
     "BatchRun",
     "BatchStats",
     "Client",
@@ -98,6 +100,7 @@ __all__ = [
     "EmoError",
     "ErrorInfo",
     "Estimate",
+    "EventKind",
     "InputError",
     "InternalServerError",
     "InvalidApiKeyError",
@@ -128,6 +131,7 @@ __all__ = [
     "Problem",
     "QuotaExhaustedError",
     "RateLimitError",
+    "ReconcilePolicy",
     "RequestTimeoutError",
     "ResultExpiredError",
     "RetryPolicy",
@@ -137,6 +141,7 @@ __all__ = [
     "TaskStatus",
     "Timeouts",
     "TransportError",
+    "UnresolvedSubmitError",
     "UnsupportedOperationError",
     "ValidatedJob",
     "__version__",

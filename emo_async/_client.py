@@ -9,7 +9,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
@@ -24,6 +24,7 @@ from ._config import (
     DEFAULT_BASE_URL,
     DEFAULT_DOWNLOAD_TIMEOUTS,
     DEFAULT_LIMITS,
+    DEFAULT_MAX_LIST_PAGES,
     DEFAULT_POLL_POLICY,
     DEFAULT_RETRY_POLICY,
     DEFAULT_TIMEOUTS,
@@ -53,15 +54,17 @@ from ._models import (
     Outcome,
     Task,
     TaskListItem,
+    TaskPage,
     TaskStatus,
 )
+from ._owned import OwnedTasks
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
 from ._util import single_error
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._batch import BatchRun
+    from ._batch import BatchEvent, BatchPolicy, BatchRun, ReconcilePolicy
     from ._download import Downloader, DownloadResult
     from ._journal import Journal
     from ._models import Job
@@ -173,6 +176,8 @@ class Client(AsyncContextManagerMixin):
         self.limits = limits
         self.poll_policy = poll
         self.download_timeouts = download_timeouts
+        #: Every task this client created, for its lifetime (see :mod:`emo_async._owned`).
+        self.owned = OwnedTasks()
         self._state = "unopened"
         self._http: HttpCore | None = None
         self._ext_session: aiohttp.ClientSession | None = None
@@ -385,10 +390,16 @@ class Client(AsyncContextManagerMixin):
             "parameters": {"style_level": style_level},
         }
         headers = {"X-DashScope-Async": "enable", **self._oss_headers(image_url, audio_url)}
-        resp = await self._core().request(
-            "POST", _SUBMIT_PATH, family="submit", json_body=body, headers=headers, billed=True
-        )
-        task = Task.from_json(resp.body)
+        sent_at = _dt.datetime.now(_dt.UTC)
+        # Once the POST is out, its answer is money: a cancellation waits for it (bounded by
+        # the request's timeouts), so the task id is recorded and the caller can be told.
+        with anyio.CancelScope(shield=True):
+            resp = await self._core().request(
+                "POST", _SUBMIT_PATH, family="submit", json_body=body, headers=headers, billed=True
+            )
+            task = Task.from_json(resp.body)
+            if task.task_id:
+                self.owned.add(task.task_id, sent_at=sent_at, answered_at=_dt.datetime.now(_dt.UTC))
         if not task.task_id:
             # A success without an id: a task may well exist. Reconcile, never resend blindly.
             now = _dt.datetime.now(_dt.UTC)
@@ -418,6 +429,47 @@ class Client(AsyncContextManagerMixin):
             task = Task(task_id=task_id, status=TaskStatus.CANCELED, request_id=resp.request_id)
         return task
 
+    async def list_page(
+        self,
+        page_no: int = 1,
+        *,
+        page_size: int = 100,
+        start_time: _dt.datetime | None = None,
+        end_time: _dt.datetime | None = None,
+        status: str | None = None,
+        model_name: str | None = EMO_MODEL,
+    ) -> TaskPage:
+        """One page of ``GET /tasks`` (newest first, as DashScope serves it)."""
+        params: dict[str, str] = {"page_no": str(page_no), "page_size": str(page_size)}
+        if start_time is not None:
+            params["start_time"] = _server_stamp(start_time)
+        if end_time is not None:
+            params["end_time"] = _server_stamp(end_time)
+        if status:
+            params["status"] = status
+        if model_name:
+            params["model_name"] = model_name
+        # A page counts against the list's own (undocumented) limit and the task queries'.
+        await self._limiters["list"].acquire()
+        resp = await self._core().request("GET", "/tasks", family="task", params=params)
+        if self._poller is not None:
+            self._poller.note_list_page()
+        body = resp.body
+        data = body.get("data")
+        if data is None and isinstance(body.get("output"), Mapping):
+            data = body["output"].get("data")
+        items = tuple(
+            TaskListItem.from_json(item)
+            for item in (data if isinstance(data, list) else [])
+            if isinstance(item, Mapping)
+        )
+        return TaskPage(
+            items=items,
+            page_no=page_no,
+            page_size=page_size,
+            total_page=_as_int(body.get("total_page")),
+        )
+
     async def list_tasks(
         self,
         *,
@@ -426,37 +478,32 @@ class Client(AsyncContextManagerMixin):
         status: str | None = None,
         model_name: str | None = EMO_MODEL,
         page_size: int = 100,
-        max_pages: int | None = None,
+        max_pages: int | None = DEFAULT_MAX_LIST_PAGES,
     ) -> AsyncIterator[TaskListItem]:
-        """Iterate over ``GET /tasks``, every page (newest first), or the first ``max_pages``."""
+        """Iterate over ``GET /tasks``, page by page (newest first), at most ``max_pages``.
+
+        Paging ends at ``total_page``, at a short or empty page, or when a page repeats the one
+        before (a list that ignores ``page_no`` would otherwise be paged forever).
+        """
         page = 1
+        previous: tuple[str, ...] | None = None
         while max_pages is None or page <= max_pages:
-            params: dict[str, str] = {"page_no": str(page), "page_size": str(page_size)}
-            if start_time is not None:
-                params["start_time"] = _server_stamp(start_time)
-            if end_time is not None:
-                params["end_time"] = _server_stamp(end_time)
-            if status:
-                params["status"] = status
-            if model_name:
-                params["model_name"] = model_name
-            # A page counts against the list's own (undocumented) limit and the task queries'.
-            await self._limiters["list"].acquire()
-            resp = await self._core().request("GET", "/tasks", family="task", params=params)
-            if self._poller is not None:
-                self._poller.note_list_page()
-            body = resp.body
-            data = body.get("data")
-            if data is None and isinstance(body.get("output"), Mapping):
-                data = body["output"].get("data")
-            items = data if isinstance(data, list) else []
-            for item in items:
-                if isinstance(item, Mapping):
-                    yield TaskListItem.from_json(item)
-            total_page = _as_int(body.get("total_page"))
-            if not items or (total_page is not None and page >= total_page):
+            got = await self.list_page(
+                page,
+                page_size=page_size,
+                start_time=start_time,
+                end_time=end_time,
+                status=status,
+                model_name=model_name,
+            )
+            ids = tuple(i.task_id for i in got.items)
+            if ids and ids == previous:
+                logger.warning("the task list repeats page %d: it ignores page_no", page - 1)
                 return
-            if total_page is None and len(items) < page_size:
+            previous = ids
+            for item in got.items:
+                yield item
+            if got.is_last:
                 return
             page += 1
 
@@ -750,11 +797,14 @@ class Client(AsyncContextManagerMixin):
         journal: str | os.PathLike[str] | Journal | bool | None = True,
         max_tasks: int = 10,
         submit_rate: float | None = None,
+        submit_concurrency: int = 1,
         download_concurrency: int | None = None,
         prepare_concurrency: int = 4,
-        reconcile: str = "reconcile",
+        reconcile: ReconcilePolicy | str = "reconcile",
         cancel_pending_on_exit: bool = False,
-        on_event: Any = None,
+        rebill_expired: bool = False,
+        on_event: Callable[[BatchEvent], object] | None = None,
+        policy: BatchPolicy | None = None,
     ) -> BatchRun:
         """Run many jobs; an async context manager that yields outcomes as jobs finish.
 
@@ -770,30 +820,37 @@ class Client(AsyncContextManagerMixin):
             journal: ``True`` for ``<out_dir>/.emo-journal.sqlite3``, a path, an open
                 :class:`Journal`, or ``None``/``False`` for none (no resume).
             max_tasks: Tasks open on the server at once (submitted, not finished).
-            submit_rate: Submits per second (default: the client's limit).
+            submit_rate: Submits per second for this batch (default: the client's limit;
+                above it raises ``ValueError``: raise ``Limits.submit_qps`` instead).
+            submit_concurrency: Billed POSTs in flight at once.
             download_concurrency: Downloads at once (default: the client's limit).
             prepare_concurrency: Jobs validated, uploaded and detected at once.
-            reconcile: What to do with a submit whose fate is unknown: ``"reconcile"``
-                (find it in the task list; adopt it, or resubmit only if provably absent),
-                ``"resubmit"`` (send again, may bill twice), or ``"fail"``.
+            reconcile: What to do with a submit whose answer was lost (see
+                :class:`ReconcilePolicy`): ``"reconcile"`` (adopt a task only on proof it is
+                this job's, send again only on proof none exists, else ``unresolved``),
+                ``"resubmit"`` (send again: may bill twice), or ``"fail"`` (``unresolved``).
             cancel_pending_on_exit: On leaving early, cancel tasks still PENDING on the
                 server.
+            rebill_expired: Pay again for jobs whose paid video expired before it was saved.
             on_event: Called with a :class:`BatchEvent` on every stage change.
+            policy: All of the above but ``journal`` and ``on_event`` as one
+                :class:`BatchPolicy` (it wins over the separate arguments).
         """
-        from ._batch import BatchRun
+        from ._batch import BatchPolicy, BatchRun
 
+        if policy is None:
+            policy = BatchPolicy(
+                max_tasks=max_tasks,
+                submit_rate=submit_rate,
+                submit_concurrency=submit_concurrency,
+                download_concurrency=download_concurrency,
+                prepare_concurrency=prepare_concurrency,
+                reconcile=reconcile,
+                cancel_pending_on_exit=cancel_pending_on_exit,
+                rebill_expired=rebill_expired,
+            )
         return BatchRun(
-            self,
-            jobs,
-            Path(out_dir),
-            journal=journal,
-            max_tasks=max_tasks,
-            submit_rate=submit_rate,
-            download_concurrency=download_concurrency,
-            prepare_concurrency=prepare_concurrency,
-            reconcile=reconcile,
-            cancel_pending_on_exit=cancel_pending_on_exit,
-            on_event=on_event,
+            self, jobs, Path(out_dir), journal=journal, policy=policy, on_event=on_event
         )
 
     async def run_batch_all(

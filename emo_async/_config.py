@@ -29,6 +29,8 @@ __all__ = [
 #: The video model, and the detection model; a temporary upload is bound to one of them.
 EMO_MODEL = "emo-v1"
 DETECT_MODEL = "emo-detect-v1"
+#: Most pages one read of the task list asks for (a list that pages forever is cut there).
+DEFAULT_MAX_LIST_PAGES = 50
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
 

@@ -32,7 +32,9 @@
     ├── JobError (.job)
     │   ├── JobFailedError (.task): the task ended FAILED or UNKNOWN
     │   ├── JobCancelledError
-    │   └── ResultExpiredError: the video URL ran out before the download
+    │   ├── ResultExpiredError: the video URL ran out before the download
+    │   └── UnresolvedSubmitError (.candidates): an answer was lost and nothing proves
+    │       whether a task exists; never resent, candidates' videos kept
     ├── DownloadError: short read, size or checksum mismatch
     ├── JournalError
     │   ├── JournalLockedError: another process runs this journal
@@ -89,6 +91,7 @@ __all__ = [
     "ResultExpiredError",
     "ServerError",
     "TransportError",
+    "UnresolvedSubmitError",
     "UnsupportedOperationError",
     "error_from_response",
     "parse_retry_after",
@@ -493,6 +496,28 @@ class JobCancelledError(JobError):
 
 class ResultExpiredError(JobError):
     """The task's video URL expired before the video was saved (the money is spent)."""
+
+
+class UnresolvedSubmitError(JobError):
+    """A submit's answer was lost, and the task list proves neither that a task of this job
+    exists nor that none does. The job is not resent (that could bill twice); a later run tries
+    again to settle it, and ``emo-async resolve`` settles it by hand.
+
+    Attributes:
+        reason: Why it could not be settled.
+        candidates: Task ids that may be this job's (their videos are kept in
+            ``<out>/.unattributed/``).
+    """
+
+    def __init__(
+        self, reason: str, *, candidates: Iterable[str] = (), job: Job | None = None
+    ) -> None:
+        self.reason = reason
+        self.candidates = tuple(candidates)
+        text = f"the submit's answer was lost and could not be settled: {reason}"
+        if self.candidates:
+            text += f"; candidate tasks: {', '.join(self.candidates)}"
+        super().__init__(text, job=job)
 
 
 class DownloadError(EmoError):

@@ -26,6 +26,7 @@ __all__ = [
     "StyleLevel",
     "Task",
     "TaskListItem",
+    "TaskPage",
     "TaskStatus",
     "parse_server_time",
 ]
@@ -309,6 +310,9 @@ class OutcomeState(enum.StrEnum):
     ``done``: a verified file at its final path. ``rejected``: refused before any money was
     spent (validation, detection). ``failed``: the server or the network said no. ``expired``:
     paid for, but the video URL ran out before it was saved. ``cancelled``: stopped on request.
+    ``unresolved``: the submit's answer was lost and nothing proves whether a task exists: it
+    may have been billed, it was not resent; videos that may be its are kept in
+    ``.unattributed/`` and a later run tries again to settle it.
     """
 
     DONE = "done"
@@ -316,6 +320,7 @@ class OutcomeState(enum.StrEnum):
     FAILED = "failed"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+    UNRESOLVED = "unresolved"
 
 
 @attrs.frozen
@@ -420,3 +425,29 @@ class TaskListItem:
             model_name=item.get("model_name"),
             request_id=item.get("request_id"),
         )
+
+
+@attrs.frozen
+class TaskPage:
+    """One page of ``GET /tasks``.
+
+    Attributes:
+        items: Its rows.
+        page_no: The page asked for.
+        page_size: The page size asked for.
+        total_page: The server's page count, when it sent one.
+    """
+
+    items: tuple[TaskListItem, ...]
+    page_no: int
+    page_size: int
+    total_page: int | None = None
+
+    @property
+    def is_last(self) -> bool:
+        """No page after this one: it is empty, the last by ``total_page``, or short."""
+        if not self.items:
+            return True
+        if self.total_page is not None:
+            return self.page_no >= self.total_page
+        return len(self.items) < self.page_size

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
+from .._owned import OwnTask
+
 __all__ = [
     "Decision",
     "Evidence",
@@ -37,6 +39,7 @@ __all__ = [
     "Verdict",
     "decide",
     "durations_match",
+    "to_query",
 ]
 
 #: Billed seconds may differ from our measurement of the audio by this much (absolute) …
@@ -54,21 +57,6 @@ class Verdict(enum.StrEnum):
     RESEND = "resend"  # provably nothing was created: send the POST again
     WAIT = "wait"  # not decidable yet; decide again later
     UNRESOLVED = "unresolved"  # nothing proves either way: never resend, keep the candidates
-
-
-@attrs.frozen
-class OwnTask:
-    """A task of ours whose submit was answered (or one an earlier run recorded).
-
-    Attributes:
-        task_id: The task.
-        sent_at: When its POST went out (our clock), if known.
-        answered_at: When its answer came back (our clock), if known.
-    """
-
-    task_id: str
-    sent_at: _dt.datetime | None = None
-    answered_at: _dt.datetime | None = None
 
 
 @attrs.frozen
@@ -183,15 +171,31 @@ def durations_match(
 
 @attrs.frozen
 class _Window:
-    lo: _dt.datetime | None  # None: unbounded below
-    hi: _dt.datetime | None  # None: unbounded above
-    covered: bool  # the sweep provably shows every task created inside it
+    """Where a lost submit's task, if it exists, must have been created (server time).
+
+    ``lo``/``hi`` bound it by every piece of evidence (witnesses and our clock mapped through
+    our own tasks): the candidates. ``proof_lo``/``proof_hi`` bound it by witnesses alone: any
+    task in there we cannot account for forbids concluding that nothing was created.
+    """
+
+    lo: _dt.datetime | None  # None: unbounded
+    hi: _dt.datetime | None
+    proof_lo: _dt.datetime | None
+    proof_hi: _dt.datetime | None
+    covered: bool  # the sweep provably shows every task created in the proof window
     why_not: str
 
     def holds(self, t: _dt.datetime | None) -> bool:
-        if t is None:
-            return True  # no timestamp: it may be anywhere, so it may be in here
-        return (self.lo is None or t >= self.lo) and (self.hi is None or t <= self.hi)
+        return _between(t, self.lo, self.hi)
+
+    def proof_holds(self, t: _dt.datetime | None) -> bool:
+        return _between(t, self.proof_lo, self.proof_hi)
+
+
+def _between(t: _dt.datetime | None, lo: _dt.datetime | None, hi: _dt.datetime | None) -> bool:
+    if t is None:
+        return True  # no timestamp: it may be anywhere, so it may be in here
+    return (lo is None or t >= lo) and (hi is None or t <= hi)
 
 
 def _offset(ev: Evidence, seen: Mapping[str, ListedTask]) -> tuple[_dt.timedelta, _dt.timedelta]:
@@ -252,13 +256,18 @@ def _window(lost: LostSubmit, ev: Evidence, seen: Mapping[str, ListedTask]) -> _
             if after_before and after is not None and sent <= _own_sent(ev, after.task_id):
                 why = f"our task {own.task_id} from inside the window is missing from the list"
                 break
-    covered = not why
-    # Bounds for adoption when a witness is missing: our clock mapped onto the server's.
-    if lo is None and not ev.reached_end:
-        lo = lost.sent_at + off_lo
-    if hi is None:
-        hi = lost.failed_at + ev.settle + off_hi
-    return _Window(lo=lo, hi=hi, covered=covered, why_not=why)
+    # Our clock mapped onto the server's through our own tasks: a tighter bound for
+    # candidates (it tells two lost submits' tasks apart), never used to prove absence.
+    clock_lo = lost.sent_at + off_lo
+    clock_hi = lost.failed_at + ev.settle + off_hi
+    return _Window(
+        lo=clock_lo if lo is None else max(lo, clock_lo),
+        hi=clock_hi if hi is None else min(hi, clock_hi),
+        proof_lo=lo,
+        proof_hi=hi,
+        covered=not why,
+        why_not=why,
+    )
 
 
 def _own_sent(ev: Evidence, task_id: str) -> _dt.datetime:
@@ -268,6 +277,23 @@ def _own_sent(ev: Evidence, task_id: str) -> _dt.datetime:
     return t
 
 
+def to_query(lost: Iterable[LostSubmit], ev: Evidence) -> set[str]:
+    """Finished tasks in some lost submit's window whose billed duration is not known yet."""
+    seen = {t.task_id: t for t in ev.listed if t.task_id}
+    wanted: set[str] = set()
+    for ls in lost:
+        window = _window(ls, ev, seen)
+        wanted.update(
+            t.task_id
+            for t in seen.values()
+            if t.task_id not in ev.own
+            and t.status == "SUCCEEDED"
+            and t.video_duration is None
+            and window.holds(t.created_at)
+        )
+    return wanted
+
+
 def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
     """Decide every lost submit of one reconciling round together (they may compete for the
     same candidate)."""
@@ -275,11 +301,14 @@ def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
     seen = {t.task_id: t for t in ev.listed if t.task_id}
     strangers = [t for t in seen.values() if t.task_id not in ev.own]
     windows = {ls.key: _window(ls, ev, seen) for ls in losts}
-    inside = {ls.key: [t for t in strangers if windows[ls.key].holds(t.created_at)] for ls in losts}
+    inside = {
+        ls.key: [t for t in strangers if windows[ls.key].proof_holds(t.created_at)] for ls in losts
+    }
+    near = {ls.key: [t for t in strangers if windows[ls.key].holds(t.created_at)] for ls in losts}
     matches = {
         ls.key: [
             t
-            for t in inside[ls.key]
+            for t in near[ls.key]
             if durations_match(
                 t.video_duration, ls.audio_seconds, billed_ratio=t.video_ratio, ratio=ls.ratio
             )
@@ -291,7 +320,9 @@ def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
         for t in found:
             claimed[t.task_id] = claimed.get(t.task_id, 0) + 1
     return {
-        ls.key: _verdict(ls, windows[ls.key], inside[ls.key], matches[ls.key], claimed)
+        ls.key: _verdict(
+            ls, windows[ls.key], inside[ls.key], near[ls.key], matches[ls.key], claimed
+        )
         for ls in losts
     }
 
@@ -300,10 +331,13 @@ def _verdict(
     lost: LostSubmit,
     window: _Window,
     inside: list[ListedTask],
+    near: list[ListedTask],
     matches: list[ListedTask],
     claimed: Mapping[str, int],
 ) -> Decision:
-    running = [t for t in inside if not t.finished]
+    """``inside``: strangers in the proof window; ``near``: those that may be this submit's
+    task; ``matches``: those of ``near`` billed for this job's audio."""
+    running = [t for t in near if not t.finished]
     if running:
         # Any of them may be ours; their billed duration tells once they finish.
         return Decision(Verdict.WAIT, f"{len(running)} task(s) in the window still running")
@@ -330,7 +364,7 @@ def _verdict(
             Verdict.UNRESOLVED,
             f"{len(inside)} unknown task(s) in the submit window and the job's audio duration"
             " is unknown, so none can be attributed",
-            candidates=tuple(t for t in inside if t.status == "SUCCEEDED"),
+            candidates=tuple(t for t in near if t.status == "SUCCEEDED"),
         )
     if matches:
         reason = (

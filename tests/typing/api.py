@@ -28,6 +28,7 @@ from emo_async import (
     DownloadResult,
     ErrorInfo,
     Estimate,
+    EventKind,
     InputError,
     Job,
     JournalSummary,
@@ -210,7 +211,7 @@ async def single_calls(client: Client, job: Job) -> None:
 
 async def batches(client: Client, jobs: list[Job]) -> None:
     def on_event(event: BatchEvent) -> None:
-        assert_type(event.kind, str)
+        assert_type(event.kind, EventKind)
 
     async def lazy() -> AsyncIterator[Job]:
         for job in jobs:

@@ -1,0 +1,98 @@
+"""One job, start to finish, from the batch's own collaborators (:meth:`Client.generate`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .._exceptions import DetectionRejectedError, EmoError, InputError
+from .._models import Job, Outcome, OutcomeState, Task, TaskStatus
+from ._finisher import Finisher
+from ._job import InFlight, Reporter
+from ._policy import BatchPolicy
+from ._run import make_reconciler
+from ._stager import Stager
+from ._submitter import Submitter
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .._client import Client
+
+__all__ = ["run_one"]
+
+logger = logging.getLogger("emo_async.batch")
+
+
+async def run_one(client: Client, job: Job, dest: Path) -> Outcome:
+    """Validate, upload, detect, submit, wait and download one video to ``dest``.
+
+    Raises InputError or DetectionRejectedError before anything is billed. If cancelled after
+    its task was created, the task is cancelled on the server while it is still PENDING (that
+    is free); otherwise the client keeps its id, so calling again with the same job follows the
+    same task instead of paying twice, and the id is logged and noted on the exception.
+    """
+    send, recv = anyio.create_memory_object_stream[Outcome](4)
+    report = Reporter(send, None, None)
+    policy = BatchPolicy(max_tasks=1)
+    stager = Stager(client, None, report)
+    finisher = Finisher(client, None, report, dest.parent)
+    reconciler = make_reconciler(client, policy)
+    slots = anyio.CapacityLimiter(1)
+    item = InFlight(job, dest=dest)
+    async with send, recv:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reconciler.run)
+
+                def keep(tasks: Sequence[Task]) -> None:
+                    for task in tasks:
+                        tg.start_soon(finisher.keep, task)
+
+                submitter = Submitter(client, None, report, reconciler, policy, slots, keep)
+                contents = await stager.validate(item)
+                try:
+                    await stager.stage(item, contents)
+                except (InputError, DetectionRejectedError):
+                    raise
+                except EmoError as exc:
+                    await report.emit(item, OutcomeState.FAILED, exc=exc)
+                else:
+                    await slots.acquire_on_behalf_of(item)
+                    submitter.reserve()
+                    if await submitter.submit(item):
+                        await finisher.track(item, lambda: slots.release_on_behalf_of(item))
+                tg.cancel_scope.cancel()
+        except BaseException as exc:
+            if item.task_id is not None and isinstance(
+                exc, (anyio.get_cancelled_exc_class(), KeyboardInterrupt)
+            ):
+                await _abandon(client, item, exc)
+            raise
+        return recv.receive_nowait()
+
+
+async def _abandon(client: Client, item: InFlight, exc: BaseException) -> None:
+    """The caller gave up after the task was created: cancel it if that is still free."""
+    task_id = item.task_id
+    assert task_id is not None
+    state = "keeps running (it may be billed)"
+    with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+        try:
+            # DashScope cancels only a PENDING task; anything else is refused, harmlessly.
+            task = await client.cancel_task(task_id)
+        except EmoError as err:
+            logger.info("task %s was not cancelled: %s", task_id, err)
+        else:
+            if task.status == TaskStatus.CANCELED:
+                client.owned.unbind(item.key)
+                state = "was cancelled on the server (it was still PENDING: not billed)"
+    note = (
+        f"emo_async: task {task_id} of {item.name!r} was created before the cancellation and"
+        f" {state}; calling generate() again with the same inputs on this client follows it"
+    )
+    logger.warning(note)
+    exc.add_note(note)

@@ -1,0 +1,248 @@
+"""Settling lost submit answers: one background loop reads the task list for all of them at
+once and applies the attribution rule (:mod:`._attribution`) until each is decided.
+
+A lost answer pauses nothing but its own job: other submits go on, and are the very evidence
+(witnesses) the rule needs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from .._exceptions import EmoError
+from .._models import Task, TaskListItem
+from .._owned import OwnTask
+from ._attribution import (
+    Decision,
+    Evidence,
+    ListedTask,
+    LostSubmit,
+    Verdict,
+    decide,
+    to_query,
+)
+
+if TYPE_CHECKING:
+    from ._ports import Service
+
+__all__ = ["Reconciler", "Sweep", "sweep_task_list"]
+
+logger = logging.getLogger("emo_async.batch")
+
+
+@attrs.frozen
+class Sweep:
+    """What one read of the task list showed, and how much of it is proven complete."""
+
+    items: tuple[TaskListItem, ...]
+    complete_after: _dt.datetime | None
+    reached_end: bool
+
+
+async def sweep_task_list(
+    client: Service,
+    lost: Sequence[LostSubmit],
+    own: Mapping[str, OwnTask],
+    *,
+    page_size: int,
+    max_pages: int,
+    skew: _dt.timedelta,
+) -> Sweep:
+    """Read the list newest first until every lost submit's earlier witness is passed.
+
+    Whether the pages were in order is checked, not assumed: only an ordered read proves that
+    nothing newer than its last row was left out. No time filter is sent, so the list's
+    reading of ``start_time``/``end_time`` (its zone) cannot hide anything.
+    """
+    need = {ls.key: ls.sent_at for ls in lost}
+    bounds: dict[str, _dt.datetime] = {}
+    items: dict[str, TaskListItem] = {}
+    ordered = True
+    oldest: _dt.datetime | None = None
+    previous: tuple[str, ...] | None = None
+    for page_no in range(1, max_pages + 1):
+        page = await client.list_page(page_no, page_size=page_size)
+        ids = tuple(i.task_id for i in page.items)
+        if ids and ids == previous:
+            # The list ignores page_no: what it showed is all it will show.
+            logger.warning("the task list repeats its pages; reading stops at page %d", page_no)
+            break
+        previous = ids
+        for item in page.items:
+            if item.created_at is None or (oldest is not None and item.created_at > oldest):
+                ordered = False
+            elif oldest is None or item.created_at < oldest:
+                oldest = item.created_at
+            items.setdefault(item.task_id, item)
+            mine = own.get(item.task_id)
+            if mine is None or mine.answered_at is None or item.created_at is None:
+                continue
+            for key, sent in list(need.items()):
+                if mine.answered_at <= sent:
+                    bounds[key] = item.created_at - skew
+                    del need[key]
+        if page.is_last:
+            return Sweep(tuple(items.values()), oldest if ordered else None, True)
+        if ordered and not need and oldest is not None and oldest < min(bounds.values()):
+            break
+    return Sweep(tuple(items.values()), oldest if ordered else None, False)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    lost: LostSubmit
+    since: float
+    done: anyio.Event = attrs.Factory(anyio.Event)
+    decision: Decision | None = None
+
+
+class Reconciler:
+    """Decides lost submits, all pending ones together, until each has a verdict.
+
+    Args:
+        client: Reads the task list and queries candidates.
+        known: Our tasks beyond the client's own (those a journal records).
+        pause: Seconds between two reads of the list while something is pending.
+        patience: Seconds a lost submit waits for a later task of ours to bound its window.
+        settle: Seconds after a failure during which the POST may still create its task.
+    """
+
+    def __init__(
+        self,
+        client: Service,
+        *,
+        known: Callable[[], Mapping[str, OwnTask]] = dict,
+        pause: float,
+        patience: float,
+        settle: float,
+        page_size: int = 100,
+        max_pages: int = 50,
+    ) -> None:
+        self._client = client
+        self._known = known
+        self._pause = pause
+        self._patience = patience
+        self._settle = _dt.timedelta(seconds=settle)
+        self._page_size = page_size
+        self._max_pages = max_pages
+        self._pending: dict[str, _Pending] = {}
+        self._wake = anyio.Event()
+        self._finished: dict[str, Task] = {}
+        self._no_more_witnesses = False
+        self.rounds = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def no_more_witnesses(self, value: bool = True) -> None:
+        """No further submit of ours will come (the batch has nothing left to send)."""
+        self._no_more_witnesses = value
+        self._wake.set()
+
+    async def settle(self, lost: LostSubmit) -> Decision:
+        """Wait for the verdict on one lost submit."""
+        entry = _Pending(lost, anyio.current_time())
+        self._pending[lost.key] = entry
+        self._wake.set()
+        try:
+            await entry.done.wait()
+        finally:
+            self._pending.pop(lost.key, None)
+        assert entry.decision is not None
+        return entry.decision
+
+    def finished_task(self, task_id: str) -> Task | None:
+        """A candidate's final snapshot, when a round queried it."""
+        return self._finished.get(task_id)
+
+    async def run(self) -> None:
+        """The loop; runs until cancelled with the batch's task group."""
+        while True:
+            if not self._pending:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            # The first read waits out the settling delay: a task created late is then listed.
+            await anyio.sleep(max(self._pause, self._settle.total_seconds()))
+            if self._pending:
+                await self._round()
+
+    async def _round(self) -> None:
+        self.rounds += 1
+        now = anyio.current_time()
+        entries = list(self._pending.values())
+        losts = [
+            attrs.evolve(
+                e.lost,
+                patience_over=self._no_more_witnesses or now - e.since >= self._patience,
+            )
+            for e in entries
+        ]
+        own = {**self._known(), **self._client.owned.snapshot()}
+        skew = _dt.timedelta(seconds=1)
+        try:
+            found = await sweep_task_list(
+                self._client,
+                losts,
+                own,
+                page_size=self._page_size,
+                max_pages=self._max_pages,
+                skew=skew,
+            )
+        except EmoError as exc:
+            # Nothing read proves nothing: every lost submit waits, or ends unresolved.
+            logger.warning("reconciling %d lost submit(s): task list failed: %s", len(losts), exc)
+            found = Sweep((), None, False)
+        ev = self._evidence(found, own, skew)
+        for task_id in sorted(to_query(losts, ev)):
+            try:
+                self._finished[task_id] = await self._client.get_task(task_id)
+            except EmoError as exc:
+                logger.info("reconciling: query of candidate %s failed: %s", task_id, exc)
+        if self._finished:
+            ev = self._evidence(found, own, skew)
+        for key, decision in decide(losts, ev).items():
+            if decision.verdict == Verdict.WAIT:
+                logger.debug("reconciling %s: waiting (%s)", key, decision.reason)
+                continue
+            entry = self._pending.get(key)
+            if entry is None or entry.decision is not None:
+                continue
+            if decision.verdict == Verdict.ADOPT:
+                assert decision.task_id is not None
+                # Ours from this instant: the next round must not offer it to anyone else.
+                self._client.owned.add(decision.task_id, sent_at=entry.lost.sent_at)
+            entry.decision = decision
+            entry.done.set()
+
+    def _evidence(self, found: Sweep, own: Mapping[str, OwnTask], skew: _dt.timedelta) -> Evidence:
+        listed = []
+        for item in found.items:
+            status = item.status.value
+            task = self._finished.get(item.task_id)
+            if task is not None and task.is_terminal:
+                status = task.status.value
+            listed.append(
+                ListedTask(
+                    item.task_id,
+                    item.created_at,
+                    status,
+                    video_duration=task.video_duration if task is not None else None,
+                    video_ratio=task.video_ratio if task is not None else None,
+                )
+            )
+        return Evidence(
+            own=own,
+            listed=listed,
+            complete_after=found.complete_after,
+            reached_end=found.reached_end,
+            settle=self._settle,
+            skew=skew,
+        )

@@ -1,0 +1,187 @@
+"""What an earlier run left: skip what is done, refuse to pay again for what expired, settle
+open intents and unresolved jobs by evidence, follow submitted tasks, finish downloads."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .._exceptions import (
+    DetectionRejectedError,
+    EmoError,
+    InputError,
+    Problem,
+    ResultExpiredError,
+)
+from .._models import OutcomeState
+from ._attribution import Verdict
+from ._job import EventKind, InFlight, Reporter
+
+if TYPE_CHECKING:
+    from .._journal import JobRecord, Journal
+    from ._finisher import Finisher
+    from ._policy import BatchPolicy
+    from ._stager import Stager
+    from ._submitter import Submitter
+
+__all__ = ["Resumer"]
+
+logger = logging.getLogger("emo_async.batch")
+
+
+async def _file_ok(path: Path, size: int | None) -> bool:
+    try:
+        st = await anyio.Path(path).stat()
+    except OSError:
+        return False
+    return size is None or st.st_size == size
+
+
+class Resumer:
+    """Reads the journal at the start of a run and for every job fed to it."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        reporter: Reporter,
+        stager: Stager,
+        submitter: Submitter,
+        finisher: Finisher,
+        policy: BatchPolicy,
+        slots: anyio.CapacityLimiter,
+        dest_for: Callable[[InFlight], Path],
+        track: Callable[[InFlight], Coroutine[Any, Any, None]],
+    ) -> None:
+        self._journal = journal
+        self._report = reporter
+        self._stager = stager
+        self._submitter = submitter
+        self._finisher = finisher
+        self._policy = policy
+        self._slots = slots
+        self._dest_for = dest_for
+        self._track = track
+        self._started = _dt.datetime.now(_dt.UTC)
+        #: Keys picked up from the journal at start (the feed skips them).
+        self.resumed: set[str] = set()
+
+    async def load(self) -> list[JobRecord]:
+        from .._journal import JobPhase
+
+        open_phases = (
+            JobPhase.INTENT,
+            JobPhase.UNRESOLVED,
+            JobPhase.SUBMITTED,
+            JobPhase.FINISHED,
+        )
+        records = [r for r in await self._journal.unfinished() if r.phase in open_phases]
+        self.resumed.update(r.key for r in records)
+        return records
+
+    async def admit(self, item: InFlight) -> bool:
+        """Whether a validated job from the feed still needs staging and submitting."""
+        from .._journal import JobPhase
+
+        rec = await self._journal.register(item.key, item.job)
+        item.record = rec
+        phase = rec.phase
+        if phase == JobPhase.DONE:
+            if rec.path and await _file_ok(Path(rec.path), rec.size):
+                item.task_id = rec.task_id
+                self._report.event(EventKind.SKIPPED, item, rec.path)
+                await self._report.emit(
+                    item,
+                    OutcomeState.DONE,
+                    path=Path(rec.path),
+                    size=rec.size,
+                    sha256=rec.sha256,
+                    billed=rec.billed_seconds,
+                    skipped=True,
+                )
+                return False
+            logger.warning("%s: journal says done but the file is missing", rec.name)
+            phase = await self._journal.record_file_missing(item.key)
+            if phase == JobPhase.FINISHED and rec.video_url:
+                # The URL may still be valid: download again, nothing to pay.
+                item.task_id = rec.task_id
+                await self._finisher.download(item, rec.video_url, rec.url_deadline, None)
+                return False
+        if phase == JobPhase.EXPIRED:
+            if not self._policy.rebill_expired:
+                item.task_id = rec.task_id
+                exc = ResultExpiredError(
+                    f"task {rec.task_id} was paid for but its video expired before it was saved;"
+                    " it is not submitted again unless asked (rebill_expired=True,"
+                    " --rebill-expired)",
+                    job=item.job,
+                )
+                logger.error("%s: %s", rec.name, exc)
+                await self._report.emit(item, OutcomeState.EXPIRED, exc=exc, journal_phase=False)
+                return False
+            logger.warning("%s: its paid video expired; paying for it again as asked", rec.name)
+            await self._journal.reset_expired(item.key)
+        return item.key not in self.resumed
+
+    async def resume(self, records: list[JobRecord], tg: anyio.abc.TaskGroup) -> None:
+        from .._journal import JobPhase
+
+        for rec in records:
+            item = InFlight(rec.job, key=rec.key, record=rec, task_id=rec.task_id)
+            item.dest = self._dest_for(item)
+            self._report.event(EventKind.RESUMED, item, rec.phase.value)
+            if rec.phase in (JobPhase.INTENT, JobPhase.UNRESOLVED):
+                tg.start_soon(self._settle, item)
+            elif rec.phase == JobPhase.FINISHED and rec.video_url:
+                tg.start_soon(self._finisher.download, item, rec.video_url, rec.url_deadline, None)
+            elif rec.phase == JobPhase.SUBMITTED and rec.task_id:
+                await self._slots.acquire_on_behalf_of(item)
+                tg.start_soon(self._track, item)
+
+    async def _settle(self, item: InFlight) -> None:
+        """An intent (or an unresolved job) of an earlier run: the POST may have gone out at
+        any time from its intent until that process ended, before this run started."""
+        rec = item.record
+        assert rec is not None
+        try:
+            from .._media import validate_job
+
+            v = await validate_job(item.job)
+            item.validated = v
+            item.audio_seconds = v.billed_seconds_estimate
+            item.ratio = v.ratio
+        except (InputError, OSError) as exc:
+            # Its files changed or went: settling can still adopt nothing, prove absence, or
+            # keep it unresolved; it just cannot be sent again.
+            logger.warning("%s: cannot read its inputs again: %s", item.name, exc)
+        sent = rec.intent_at or rec.updated_at
+        await self._slots.acquire_on_behalf_of(item)
+        verdict = await self._submitter.settle(item, sent, self._started)
+        if verdict == Verdict.ADOPT:
+            await self._track(item)
+        elif verdict == Verdict.RESEND:
+            await self._resend(item)
+
+    async def _resend(self, item: InFlight) -> None:
+        """Provably never created: stage and submit afresh (the slot is held)."""
+        try:
+            if item.validated is None:
+                raise InputError(
+                    [Problem("job", "its inputs cannot be read any more")], job_name=item.name
+                )
+            await self._stager.stage(item)
+        except (InputError, DetectionRejectedError) as exc:
+            self._slots.release_on_behalf_of(item)
+            await self._report.emit(item, OutcomeState.REJECTED, exc=exc)
+            return
+        except EmoError as exc:
+            self._slots.release_on_behalf_of(item)
+            await self._report.emit(item, OutcomeState.FAILED, exc=exc)
+            return
+        self._submitter.reserve()
+        if await self._submitter.submit(item):
+            await self._track(item)

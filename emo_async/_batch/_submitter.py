@@ -1,0 +1,288 @@
+"""The billed step: journal the intent, send the POST once, record any task id it answers
+with, and settle a lost answer by evidence (:mod:`._reconciler`), never by a guess.
+
+Task slots: the caller acquires the job's slot before :meth:`Submitter.submit`. A lost answer
+gives the slot back while it is settled (it holds no task we know of), and takes it again to
+adopt or to send again; ``submit`` returns with the slot held exactly when it returns a task id.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .._exceptions import (
+    AmbiguousSubmitError,
+    APIError,
+    EmoError,
+    UnresolvedSubmitError,
+)
+from .._models import OutcomeState, Task
+from .._ratelimit import AdaptiveRateLimiter
+from ._attribution import Decision, ListedTask, LostSubmit, Verdict
+from ._job import EventKind, InFlight, Reporter, is_transient, pause_after
+from ._policy import BatchPolicy, ReconcilePolicy
+
+if TYPE_CHECKING:
+    from .._journal import Candidate, Journal
+    from ._ports import Service
+    from ._reconciler import Reconciler
+
+__all__ = ["MAX_SUBMITS", "Submitter"]
+
+logger = logging.getLogger("emo_async.batch")
+
+#: How many times one job may be (re)submitted after a submit proved not to have landed.
+MAX_SUBMITS = 4
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+class Submitter:
+    """Sends billed POSTs, at most ``submit_concurrency`` at once and ``submit_rate`` a second."""
+
+    def __init__(
+        self,
+        service: Service,
+        journal: Journal | None,
+        reporter: Reporter,
+        reconciler: Reconciler,
+        policy: BatchPolicy,
+        slots: anyio.CapacityLimiter,
+        keep: Callable[[Sequence[Task]], None],
+    ) -> None:
+        self._service = service
+        self._journal = journal
+        self._report = reporter
+        self._reconciler = reconciler
+        self._policy = policy
+        self._slots = slots
+        self._keep = keep
+        self._inflight = anyio.CapacityLimiter(policy.submit_concurrency)
+        self._rate = (
+            AdaptiveRateLimiter("batch-submit", policy.submit_rate) if policy.submit_rate else None
+        )
+        #: Jobs between taking a slot and having a task or an outcome, not counting those
+        #: waiting on a lost answer: while any is left, a later witness may still come.
+        self.active = 0
+        self._input_closed = False
+
+    def reserve(self) -> None:
+        """Count a job that is about to call :meth:`submit` (call before starting its task)."""
+        self.active += 1
+        self._idle_changed()
+
+    async def submit(self, item: InFlight) -> str | None:
+        """Submit one job (reserved, its slot held); its task id, or None once its outcome is
+        sent."""
+        try:
+            assert item.image_url
+            assert item.audio_url
+            assert item.face_bbox
+            assert item.ext_bbox
+            earlier = self._service.owned.task_of(item.key) if self._journal is None else None
+            if earlier is not None:
+                # No journal, but this client already created this job's task (an earlier call
+                # was cancelled after the POST): follow that task rather than pay again.
+                logger.info("%s: following its earlier task %s", item.name, earlier)
+                item.task_id = earlier
+                return earlier
+            return await self._submit(item)
+        finally:
+            self.active -= 1
+            self._idle_changed()
+
+    def close_input(self) -> None:
+        """No new job will come to :meth:`submit` (those resent after a lost answer may)."""
+        self._input_closed = True
+        self._idle_changed()
+
+    def _idle_changed(self) -> None:
+        # With nothing left to send, no later submit can witness a lost answer's window.
+        self._reconciler.no_more_witnesses(self._input_closed and self.active == 0)
+
+    async def _submit(self, item: InFlight) -> str | None:
+        for attempt in range(MAX_SUBMITS):
+            lost, failure, sent_at = await self._send(item)
+            if lost is None and failure is None:
+                return item.task_id
+            if failure is not None:
+                await self._clear_intent(item)
+                retry = self._service.retry
+                if is_transient(failure, retry.retry_after_max) and attempt + 1 < MAX_SUBMITS:
+                    # A 429, a 503, or no connection at all: nothing was created.
+                    self._slots.release_on_behalf_of(item)
+                    try:
+                        await pause_after(item, failure, attempt, retry)
+                    finally:
+                        await self._slots.acquire_on_behalf_of(item)
+                    continue
+                state = (
+                    OutcomeState.REJECTED
+                    if isinstance(failure, APIError)
+                    and failure.status in (400, 413, 415)
+                    and not failure.retryable
+                    else OutcomeState.FAILED
+                )
+                self._slots.release_on_behalf_of(item)
+                await self._report.emit(item, state, exc=failure)
+                return None
+            assert lost is not None
+            logger.warning("%s: %s", item.name, lost)
+            # While it waits on evidence, this job is no witness-to-be for the others.
+            self.active -= 1
+            self._idle_changed()
+            try:
+                verdict = await self.settle(item, sent_at, lost.failed_at, error=lost)
+            finally:
+                self.active += 1
+            if verdict == Verdict.ADOPT:
+                return item.task_id
+            if verdict != Verdict.RESEND:
+                return None
+        self._slots.release_on_behalf_of(item)
+        await self._report.emit(
+            item, OutcomeState.FAILED, exc=EmoError(f"gave up after {MAX_SUBMITS} submits")
+        )
+        return None
+
+    async def _send(
+        self, item: InFlight
+    ) -> tuple[AmbiguousSubmitError | None, EmoError | None, _dt.datetime]:
+        """One billed POST; (lost answer, clear failure, when it was sent)."""
+        async with self._inflight:
+            if self._rate is not None:
+                await self._rate.acquire()
+            sent_at = _now()
+            if self._journal is not None:
+                # Write-ahead: the intent is durable before any money can be spent.
+                await self._journal.record_intent(item.key, at=sent_at)
+            # The POST and the recording of its answer go together: a cancellation waits for
+            # both, so a task id that was created is never dropped on the floor.
+            with anyio.CancelScope(shield=True):
+                try:
+                    task = await self._service.submit(
+                        item.image_url,  # type: ignore[arg-type]
+                        item.audio_url,  # type: ignore[arg-type]
+                        face_bbox=item.face_bbox,  # type: ignore[arg-type]
+                        ext_bbox=item.ext_bbox,  # type: ignore[arg-type]
+                        style_level=item.job.style_level,
+                    )
+                except AmbiguousSubmitError as exc:
+                    return exc, None, sent_at
+                except EmoError as exc:
+                    return None, exc, sent_at
+                await self.accept(item, task.task_id, EventKind.SUBMITTED)
+        return None, None, sent_at
+
+    async def accept(self, item: InFlight, task_id: str, kind: EventKind) -> None:
+        """Make ``task_id`` the job's task: journal first, then everything else."""
+        item.task_id = task_id
+        self._service.owned.bind(item.key, task_id)
+        if self._journal is not None:
+            with anyio.CancelScope(shield=True):
+                await self._journal.record_submitted(item.key, task_id, at=_now())
+        self._report.event(kind, item, task_id)
+
+    async def _clear_intent(self, item: InFlight) -> None:
+        if self._journal is not None:
+            await self._journal.clear_intent(item.key)
+
+    async def settle(
+        self,
+        item: InFlight,
+        sent_at: _dt.datetime,
+        failed_at: _dt.datetime,
+        *,
+        error: BaseException | None = None,
+    ) -> Verdict:
+        """Settle a lost answer; the job's slot is held on entry.
+
+        ADOPT: the job has its task, slot held. RESEND: the intent is cleared, slot held (the
+        caller sends again). UNRESOLVED: the outcome is sent, slot released.
+        """
+        policy = self._policy.reconcile
+        if policy == ReconcilePolicy.RESUBMIT:
+            logger.warning("%s: sending again (reconcile='resubmit': may bill twice)", item.name)
+            await self._clear_intent(item)
+            return Verdict.RESEND
+        self._slots.release_on_behalf_of(item)
+        if policy == ReconcilePolicy.FAIL:
+            decision = Decision(Verdict.UNRESOLVED, "reconcile='fail': the task list was not read")
+        else:
+            self._report.event(EventKind.RECONCILING, item, str(error) if error else None)
+            self._report.reconciling += 1
+            try:
+                decision = await self._reconciler.settle(
+                    LostSubmit(
+                        item.key,
+                        sent_at=sent_at,
+                        failed_at=failed_at,
+                        audio_seconds=item.audio_seconds,
+                        ratio=item.ratio,
+                    )
+                )
+            finally:
+                self._report.reconciling -= 1
+        if decision.verdict == Verdict.ADOPT:
+            assert decision.task_id is not None
+            await self._slots.acquire_on_behalf_of(item)
+            logger.info("%s: adopted task %s (%s)", item.name, decision.task_id, decision.reason)
+            self._service.owned.add(decision.task_id, sent_at=sent_at)
+            await self.accept(item, decision.task_id, EventKind.ADOPTED)
+            return Verdict.ADOPT
+        if decision.verdict == Verdict.RESEND:
+            logger.info("%s: sending again: %s", item.name, decision.reason)
+            await self._clear_intent(item)
+            await self._slots.acquire_on_behalf_of(item)
+            return Verdict.RESEND
+        await self._unresolved(item, decision)
+        return Verdict.UNRESOLVED
+
+    async def _unresolved(self, item: InFlight, decision: Decision) -> None:
+        # A candidate adopted by another job since the decision is that job's, not a candidate.
+        owned = self._service.owned
+        candidates = [c for c in decision.candidates if c.task_id not in owned]
+        finished = [self._reconciler.finished_task(c.task_id) for c in candidates]
+        kept = [t for t in finished if t is not None and t.succeeded and t.video_url]
+        logger.error(
+            "%s: not resent, may have been billed: %s%s",
+            item.name,
+            decision.reason,
+            f"; candidates {', '.join(c.task_id for c in candidates)}" if candidates else "",
+        )
+        if self._journal is not None:
+            with anyio.CancelScope(shield=True):
+                await self._journal.record_unresolved(
+                    item.key,
+                    reason=decision.reason,
+                    candidates=[_candidate(c, self._reconciler) for c in candidates],
+                )
+        if kept:
+            self._keep(kept)
+        exc = UnresolvedSubmitError(
+            decision.reason, candidates=[c.task_id for c in candidates], job=item.job
+        )
+        await self._report.emit(item, OutcomeState.UNRESOLVED, exc=exc, journal_phase=False)
+
+
+def _candidate(listed: ListedTask, reconciler: Reconciler) -> Candidate:
+    from .._download import url_deadline
+    from .._journal import Candidate
+
+    task = reconciler.finished_task(listed.task_id)
+    url = task.video_url if task is not None else None
+    return Candidate(
+        task_id=listed.task_id,
+        created_at=listed.created_at,
+        status=listed.status,
+        video_duration=listed.video_duration,
+        video_url=url,
+        url_deadline=url_deadline(url) if url else None,
+    )
