@@ -29,6 +29,9 @@ from ._config import (
     DEFAULT_TIMEOUTS,
     DETECT_MODEL,
     EMO_MODEL,
+    RESULT_URL_VALIDITY,
+    UPLOAD_REUSE_MARGIN,
+    UPLOAD_VALIDITY,
     Limits,
     PollPolicy,
     RetryPolicy,
@@ -72,9 +75,6 @@ logger = logging.getLogger("emo_async")
 
 _SUBMIT_PATH = "/services/aigc/image2video/video-synthesis/"
 _DETECT_PATH = "/services/aigc/image2video/face-detect"
-#: Temporary uploads are valid 48 h; stop reusing one a little before that.
-_UPLOAD_VALIDITY = _dt.timedelta(hours=48)
-_UPLOAD_REUSE_MARGIN = _dt.timedelta(hours=1)
 _STYLES = ("normal", "calm", "active")
 
 
@@ -553,7 +553,7 @@ class Client(AsyncContextManagerMixin):
         cache_key = (digest, model)
         while True:
             hit = self._uploads.get(cache_key)
-            if hit is not None and hit[1] - _dt.datetime.now(_dt.UTC) > _UPLOAD_REUSE_MARGIN:
+            if hit is not None and hit[1] - _dt.datetime.now(_dt.UTC) > UPLOAD_REUSE_MARGIN:
                 return hit[0]
             pending = self._inflight.get(("upload", cache_key))
             if pending is None:
@@ -564,7 +564,7 @@ class Client(AsyncContextManagerMixin):
         try:
             async with self._upload_slots:
                 url = await self._upload_once(path, digest, model, content)
-            self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + _UPLOAD_VALIDITY)
+            self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + UPLOAD_VALIDITY)
             return url
         finally:
             del self._inflight[("upload", cache_key)]
@@ -660,7 +660,7 @@ class Client(AsyncContextManagerMixin):
             attempt += 1
             if attempt >= self.retry.attempts:
                 raise error
-            await anyio.sleep(self._core().backoff(attempt - 1))
+            await anyio.sleep(self.retry.backoff(attempt - 1))
 
     # -- detection with a cache --------------------------------------------------------------
 
@@ -707,7 +707,7 @@ class Client(AsyncContextManagerMixin):
             url = task_or_url.video_url
             if deadline is None and url_deadline(url) is None and task_or_url.end_time:
                 # No Expires in the URL: DashScope keeps results 24 h after the task ends.
-                deadline = task_or_url.end_time + _dt.timedelta(hours=24)
+                deadline = task_or_url.end_time + RESULT_URL_VALIDITY
         else:
             url = task_or_url
         return await self.downloader.download(url, Path(dest), deadline=deadline)

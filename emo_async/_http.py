@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -190,12 +189,6 @@ class HttpCore:
         t = self._timeouts
         return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
 
-    def backoff(self, attempt: int) -> float:
-        """The wait before retry number ``attempt`` (0-based)."""
-        r = self._retry
-        cap = min(r.wait_max, r.wait_initial * (r.wait_exp_base**attempt))
-        return random.uniform(0, cap) if r.wait_jitter else cap
-
     async def request(
         self,
         method: str,
@@ -285,12 +278,10 @@ class HttpCore:
                 self._budget.on_success()
                 return result
 
+            if retry_after is not None and retry_after > self._retry.retry_after_max:
+                raise error
+            wait = self._retry.backoff(attempt, retry_after=retry_after)
             attempt += 1
-            wait = self.backoff(attempt - 1)
-            if retry_after is not None:
-                if retry_after > self._retry.retry_after_max:
-                    raise error
-                wait = max(wait, retry_after)
             elapsed = time.monotonic() - started
             if (
                 attempt >= self._retry.attempts

@@ -250,6 +250,34 @@ class TestRetries:
         assert KEY not in str(info.value)
 
 
+class TestBackoff:
+    """One formula for every wait: full jitter under an exponential ceiling capped at wait_max;
+    a Retry-After is a floor, capped at retry_after_max."""
+
+    def test_full_jitter_stays_under_the_exponential_ceiling(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, wait_exp_base=2.0)
+        for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 3.0), (10, 3.0)]:
+            waits = [policy.backoff(attempt) for _ in range(400)]
+            assert all(0.0 <= w <= ceiling for w in waits)
+            assert max(waits) > 0.8 * ceiling  # spread over the whole range, not a constant
+            assert min(waits) < 0.2 * ceiling
+
+    def test_without_jitter_the_ceiling_itself(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, wait_jitter=False)
+        assert [policy.backoff(n) for n in range(4)] == [0.5, 1.0, 2.0, 3.0]
+        assert policy.backoff(100_000) == 3.0  # no overflow on a very late attempt
+        assert policy.backoff(-1) == 0.5
+
+    def test_retry_after_is_a_floor_capped_at_retry_after_max(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, retry_after_max=10.0)
+        assert all(policy.backoff(0, retry_after=7.0) == 7.0 for _ in range(50))
+        assert policy.backoff(0, retry_after=3600.0) == 10.0
+        # A Retry-After shorter than the jittered wait does not shorten it.
+        fixed = RetryPolicy(wait_initial=2.0, wait_jitter=False)
+        assert fixed.backoff(0, retry_after=0.1) == 2.0
+        assert fixed.backoff(0, retry_after=-5.0) == 2.0
+
+
 class TestBilledSubmit:
     """A submit is resent only when provably nothing was created."""
 
