@@ -60,6 +60,7 @@ from ._models import (
 )
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
+from ._singleflight import SingleFlight
 from ._util import single_error
 from ._version import __version__
 
@@ -189,10 +190,11 @@ class Client(AsyncContextManagerMixin):
         self._upload_slots = anyio.CapacityLimiter(limits.max_uploads)
         self._policies: dict[str, _Policy] = {}
         self._policy_lock = anyio.Lock()
-        self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime]] = {}
+        self._uploads: SingleFlight[tuple[str, str], tuple[str, _dt.datetime]] = SingleFlight(
+            fresh=lambda hit: hit[1] - _dt.datetime.now(_dt.UTC) > UPLOAD_REUSE_MARGIN
+        )
         self._upload_proxies: dict[str, str | None] = {}
-        self._inflight: dict[Any, anyio.Event] = {}
-        self._detections: dict[tuple[str, str], Detection] = {}
+        self._detections: SingleFlight[tuple[str, str], Detection] = SingleFlight()
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -550,29 +552,18 @@ class Client(AsyncContextManagerMixin):
         ``content``: the file's bytes (those ``digest`` was computed from), when the caller has
         them already: they are sent as they are, without reading the file again.
         """
-        cache_key = (digest, model)
-        while True:
-            hit = self._uploads.get(cache_key)
-            if hit is not None and hit[1] - _dt.datetime.now(_dt.UTC) > UPLOAD_REUSE_MARGIN:
-                return hit[0]
-            pending = self._inflight.get(("upload", cache_key))
-            if pending is None:
-                break
-            await pending.wait()
-        event = anyio.Event()
-        self._inflight[("upload", cache_key)] = event
-        try:
+
+        async def upload() -> tuple[str, _dt.datetime]:
             async with self._upload_slots:
                 url = await self._upload_once(path, digest, model, content)
-            self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + UPLOAD_VALIDITY)
-            return url
-        finally:
-            del self._inflight[("upload", cache_key)]
-            event.set()
+            return url, _dt.datetime.now(_dt.UTC) + UPLOAD_VALIDITY
+
+        url, _ = await self._uploads.get_or_compute((digest, model), upload)
+        return url
 
     def remember_upload(self, digest: str, model: str, url: str, expires_at: _dt.datetime) -> None:
         """Seed the upload cache (e.g. from a journal)."""
-        self._uploads[(digest, model)] = (url, expires_at)
+        self._uploads.put((digest, model), (url, expires_at))
 
     def _form(
         self, policy: Mapping[str, Any], path: Path, digest: str, mime: str
@@ -667,28 +658,13 @@ class Client(AsyncContextManagerMixin):
     async def detect_cached(self, image_url: str, digest: str, ratio: str) -> Detection:
         """:meth:`detect` once per (image content, ratio) for this client; concurrent callers
         for the same portrait share one request."""
-        key = (digest, ratio)
-        while True:
-            hit = self._detections.get(key)
-            if hit is not None:
-                return hit
-            pending = self._inflight.get(("detect", key))
-            if pending is None:
-                break
-            await pending.wait()
-        event = anyio.Event()
-        self._inflight[("detect", key)] = event
-        try:
-            det = await self.detect(image_url, ratio=ratio)
-            self._detections[key] = det
-            return det
-        finally:
-            del self._inflight[("detect", key)]
-            event.set()
+        return await self._detections.get_or_compute(
+            (digest, ratio), lambda: self.detect(image_url, ratio=ratio)
+        )
 
     def remember_detection(self, digest: str, ratio: str, detection: Detection) -> None:
         """Seed the detection cache (e.g. from a journal)."""
-        self._detections[(digest, ratio)] = detection
+        self._detections.put((digest, ratio), detection)
 
     # -- downloads, one-call generation and batches -------------------------------------------
 

@@ -365,6 +365,55 @@ class TestBilledSubmit:
         assert seen == ["enable", "enable"]
 
 
+class TestDetectionCache:
+    """detect_cached: one request per (portrait, ratio) for concurrent callers; a failure is
+    not cached."""
+
+    @staticmethod
+    def detection(r: web.Request, n: int) -> web.Response:
+        return web.json_response(
+            {
+                "request_id": f"d{n}",
+                "output": {"check_pass": True, "face_bbox": [1, 2, 3, 4], "ext_bbox": [0, 0, 9, 9]},
+            }
+        )
+
+    async def test_concurrent_callers_share_one_request(self, scripted: Scripted) -> None:
+        import anyio
+
+        def script(r: web.Request, n: int) -> web.Response:
+            return self.detection(r, n)
+
+        scripted.script = script
+        results: list[emo_async.Detection] = []
+        async with make_client(scripted, limits=Limits(detect_qps=200)) as client:
+
+            async def one() -> None:
+                results.append(await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1"))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+            other = await client.detect_cached("http://127.0.0.1/i.png", "d1", "3:4")
+        assert scripted.count("face-detect") == 2
+        assert {d.request_id for d in results} == {"d1"}
+        assert other.ratio == "3:4"
+
+    async def test_a_failed_detection_is_not_cached(self, scripted: Scripted) -> None:
+        def script(r: web.Request, n: int) -> web.Response:
+            return err(400, "InvalidURL") if n == 1 else self.detection(r, n)
+
+        scripted.script = script
+        async with make_client(scripted, limits=Limits(detect_qps=200)) as client:
+            with pytest.raises(emo_async.InvalidURLError):
+                await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+            det = await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+            again = await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+        assert det.check_pass
+        assert det is again
+        assert scripted.count("face-detect") == 2
+
+
 class TestClientSetup:
     """Configuration errors are clear and come before any request."""
 
