@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import mimetypes
 import os
-import time
-import uuid
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -30,8 +27,6 @@ from ._config import (
     DETECT_MODEL,
     EMO_MODEL,
     RESULT_URL_VALIDITY,
-    UPLOAD_REUSE_MARGIN,
-    UPLOAD_VALIDITY,
     Limits,
     PollPolicy,
     RetryPolicy,
@@ -40,13 +35,9 @@ from ._config import (
 from ._download import url_deadline
 from ._exceptions import (
     AmbiguousSubmitError,
-    APIError,
     ClientClosedError,
     JobCancelledError,
     JobFailedError,
-    RateLimitError,
-    ServerError,
-    TransportError,
 )
 from ._http import HttpCore, env_proxy, is_loopback_host, make_trace_config, origin_of
 from ._models import (
@@ -61,6 +52,7 @@ from ._models import (
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
 from ._singleflight import SingleFlight
+from ._upload import Uploader
 from ._util import single_error
 from ._version import __version__
 
@@ -116,13 +108,6 @@ class ClientStatistics:
     poller: PollerStatistics
 
 
-@attrs.frozen
-class _Policy:
-    data: Mapping[str, Any]
-    expires: float  # monotonic
-    margin: float
-
-
 class Client(AsyncContextManagerMixin):
     """An asyncio client for DashScope's EMO models.
 
@@ -176,7 +161,6 @@ class Client(AsyncContextManagerMixin):
         self.download_timeouts = download_timeouts
         self._state = "unopened"
         self._http: HttpCore | None = None
-        self._ext_session: aiohttp.ClientSession | None = None
         self._poller: StatusPoller | None = None
         self._downloader: Downloader | None = None
         self._limiters = {
@@ -187,13 +171,9 @@ class Client(AsyncContextManagerMixin):
             "cancel": AdaptiveRateLimiter("cancel", limits.cancel_qps),
             "list": AdaptiveRateLimiter("list", limits.list_qps),
         }
-        self._upload_slots = anyio.CapacityLimiter(limits.max_uploads)
-        self._policies: dict[str, _Policy] = {}
-        self._policy_lock = anyio.Lock()
-        self._uploads: SingleFlight[tuple[str, str], tuple[str, _dt.datetime]] = SingleFlight(
-            fresh=lambda hit: hit[1] - _dt.datetime.now(_dt.UTC) > UPLOAD_REUSE_MARGIN
+        self._uploader = Uploader(
+            self._core, api_origin=self.api_origin, max_uploads=limits.max_uploads
         )
-        self._upload_proxies: dict[str, str | None] = {}
         self._detections: SingleFlight[tuple[str, str], Detection] = SingleFlight()
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -230,8 +210,8 @@ class Client(AsyncContextManagerMixin):
             trust_env=False,
             trace_configs=[make_trace_config()],
         )
-        # Uploads: the environment's proxy is read once per upload host (see _upload_proxy)
-        # rather than by aiohttp on every upload (two thread hops each, with .netrc).
+        # Uploads: no key, ever. The environment's proxy is read once per upload host (by the
+        # request path) rather than by aiohttp on every upload (two thread hops each, .netrc).
         ext_session = aiohttp.ClientSession(
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -246,6 +226,8 @@ class Client(AsyncContextManagerMixin):
             self._http = HttpCore(
                 api_session,
                 billed_session=billed_session,
+                external_session=ext_session,
+                external_timeouts=self.download_timeouts,
                 proxy=env_proxy(self.base_url),
                 base_url=self.base_url,
                 api_key=self.__key,
@@ -254,7 +236,6 @@ class Client(AsyncContextManagerMixin):
                 limiters=self._limiters,
                 user_agent=ua,
             )
-            self._ext_session = ext_session
             self._poller = StatusPoller(self.poll_policy, self.get_task, self._sweep_pages)
             body_exc: BaseException | None = None
             try:
@@ -502,34 +483,6 @@ class Client(AsyncContextManagerMixin):
 
     # -- uploads -----------------------------------------------------------------------------
 
-    async def _policy(self, model: str) -> Mapping[str, Any]:
-        cached = self._policies.get(model)
-        if cached is not None and cached.expires - time.monotonic() > cached.margin:
-            return cached.data  # the common case, without taking the lock
-        async with self._policy_lock:
-            cached = self._policies.get(model)
-            if cached is not None and cached.expires - time.monotonic() > cached.margin:
-                return cached.data
-            resp = await self._core().request(
-                "GET",
-                "/uploads",
-                family="policy",
-                params={"action": "getPolicy", "model": model},
-            )
-            data = resp.body.get("data")
-            if not isinstance(data, Mapping) or not data.get("upload_host"):
-                raise APIError(
-                    "the upload policy answer has no data.upload_host",
-                    status=resp.status,
-                    request_id=resp.request_id,
-                )
-            ttl = _as_int(data.get("expire_in_seconds")) or 300
-            # Renew a little before it expires: 30 s, or a fifth of a short lifetime.
-            self._policies[model] = _Policy(
-                data=data, expires=time.monotonic() + ttl, margin=min(30.0, ttl / 5)
-            )
-            return data
-
     async def upload(self, path: str | os.PathLike[str], *, model: str = EMO_MODEL) -> str:
         """Upload a local file to DashScope's temporary storage; returns its ``oss://`` URL.
 
@@ -552,106 +505,11 @@ class Client(AsyncContextManagerMixin):
         ``content``: the file's bytes (those ``digest`` was computed from), when the caller has
         them already: they are sent as they are, without reading the file again.
         """
-
-        async def upload() -> tuple[str, _dt.datetime]:
-            async with self._upload_slots:
-                url = await self._upload_once(path, digest, model, content)
-            return url, _dt.datetime.now(_dt.UTC) + UPLOAD_VALIDITY
-
-        url, _ = await self._uploads.get_or_compute((digest, model), upload)
-        return url
+        return await self._uploader.upload(path, digest, model=model, content=content)
 
     def remember_upload(self, digest: str, model: str, url: str, expires_at: _dt.datetime) -> None:
         """Seed the upload cache (e.g. from a journal)."""
-        self._uploads.put((digest, model), (url, expires_at))
-
-    def _form(
-        self, policy: Mapping[str, Any], path: Path, digest: str, mime: str
-    ) -> tuple[str, str, dict[str, str]]:
-        host = str(policy["upload_host"])
-        if origin_of(host) == self.api_origin:
-            # The upload session never carries the key, but an upload host equal to the API
-            # host means the policy is not what we think.
-            raise APIError("the upload policy names the API host", status=200)
-        # Content-addressed keys: the same bytes get the same object; forbid-overwrite is safe.
-        key = f"{str(policy.get('upload_dir', '')).rstrip('/')}/{digest[:32]}/{_safe_base(path)}"
-        fields = {
-            "OSSAccessKeyId": str(policy.get("oss_access_key_id", "")),
-            "Signature": str(policy.get("signature", "")),
-            "policy": str(policy.get("policy", "")),
-            "key": key,
-            "x-oss-object-acl": str(policy.get("x_oss_object_acl", "private")),
-            "x-oss-forbid-overwrite": str(policy.get("x_oss_forbid_overwrite", "true")),
-            "success_action_status": "200",
-            "x-oss-content-type": mime,
-        }
-        return host, key, fields
-
-    def _upload_proxy(self, host: str) -> str | None:
-        if host not in self._upload_proxies:
-            self._upload_proxies[host] = env_proxy(host)
-        return self._upload_proxies[host]
-
-    async def _upload_once(
-        self, path: Path, digest: str, model: str, content: bytes | None = None
-    ) -> str:
-        if content is not None:
-            size = len(content)
-        else:
-            # One thread hop: the size, and the bytes themselves when the file is small.
-            size, content = await anyio.to_thread.run_sync(_read_small, path, _SMALL_UPLOAD)
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        used = await self._policy(model)
-        host, key, fields = self._form(used, path, digest, mime)
-        session = self._ext_session
-        assert session is not None
-        attempt = 0
-        refreshed = False
-        while True:
-            form = _Form(fields, path, size, mime, content)
-            try:
-                async with session.post(
-                    host,
-                    data=form.body,
-                    headers={"Content-Type": form.content_type},
-                    allow_redirects=False,
-                    proxy=self._upload_proxy(host),
-                ) as resp:
-                    text = (await resp.content.read(4096)).decode("utf-8", "replace")
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error: Exception = TransportError(f"upload of {path.name} failed: {exc}")
-            else:
-                if status in (200, 201, 204):
-                    return f"oss://{key}"
-                if status == 409 and "FileAlreadyExists" in text:
-                    # Same content-addressed key: an earlier upload of these very bytes.
-                    return f"oss://{key}"
-                if status == 403 and not refreshed:
-                    # Most likely the policy expired earlier than our clock said (clock skew):
-                    # fetch a fresh one and try once more.
-                    refreshed = True
-                    cached = self._policies.get(model)
-                    if cached is not None and cached.data is used:
-                        self._policies.pop(model, None)  # once, not by every upload that saw it
-                    used = await self._policy(model)
-                    host, key, fields = self._form(used, path, digest, mime)
-                    continue
-                # The class says whether trying later may help (the batch retries a job whose
-                # upload failed with a retryable error rather than fail it).
-                err_cls = (
-                    ServerError if status >= 500 else RateLimitError if status == 429 else APIError
-                )
-                err = err_cls(
-                    f"upload of {path.name} refused: HTTP {status}: {text[:200]}", status=status
-                )
-                if status < 500 and status != 429:
-                    raise err
-                error = err
-            attempt += 1
-            if attempt >= self.retry.attempts:
-                raise error
-            await anyio.sleep(self.retry.backoff(attempt - 1))
+        self._uploader.remember(digest, model, url, expires_at)
 
     # -- detection with a cache --------------------------------------------------------------
 
@@ -798,97 +656,6 @@ class Client(AsyncContextManagerMixin):
                 ResourceWarning,
                 stacklevel=1,
             )
-
-
-#: Files up to this size are read in one go and sent as one buffer; larger ones are streamed.
-_SMALL_UPLOAD = 1 << 20
-
-
-def _read_small(path: Path, limit: int) -> tuple[int, bytes | None]:
-    """The size of ``path``, and its bytes when it holds at most ``limit``."""
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-        if len(data) > limit:
-            return os.fstat(f.fileno()).st_size, None
-    return len(data), data
-
-
-class _Form:
-    """The upload's multipart form, built by hand: the fields and the file part's header are one
-    buffer, so a small file goes out in one write instead of aiohttp's two per field."""
-
-    def __init__(
-        self, fields: Mapping[str, str], path: Path, size: int, mime: str, content: bytes | None
-    ) -> None:
-        from aiohttp.helpers import content_disposition_header
-
-        boundary = uuid.uuid4().hex
-        self.content_type = f"multipart/form-data; boundary={boundary}"
-        parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-            for name, value in fields.items()
-        ]
-        disposition = content_disposition_header("form-data", name="file", filename=path.name)
-        parts.append(
-            f"--{boundary}\r\nContent-Type: {mime}\r\nContent-Disposition: {disposition}\r\n\r\n"
-        )
-        head = "".join(parts).encode("utf-8")
-        tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-        self.body: bytes | _StreamedForm = (
-            head + content + tail if content is not None else _StreamedForm(head, path, size, tail)
-        )
-
-
-class _StreamedForm(aiohttp.payload.Payload):
-    """A form whose file is streamed from disk in worker threads, its size known up front (so
-    the form has a Content-Length, as OSS expects).
-
-    Each chunk is read by a thread that opens and closes the file itself: aiohttp cancels the
-    writer when the upload host answers early (a 5xx before the body is read), and a file
-    opened in a thread whose awaiting task was cancelled would be left open (a leaked handle).
-    """
-
-    _CHUNK = 1 << 18
-
-    def __init__(self, head: bytes, path: Path, size: int, tail: bytes) -> None:
-        super().__init__(path, content_type=None)
-        self._head, self._path, self._file_size, self._tail = head, path, size, tail
-
-    @property
-    def size(self) -> int | None:
-        return len(self._head) + self._file_size + len(self._tail)
-
-    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        await writer.write(self._head)
-        offset = 0
-        while offset < self._file_size:
-            want = min(self._CHUNK, self._file_size - offset)
-            data = await anyio.to_thread.run_sync(_read_at, self._path, offset, want)
-            if not data:
-                # Shorter than announced: fail the request rather than leave it hanging.
-                raise aiohttp.ClientPayloadError(f"{self._path.name} shrank during its upload")
-            await writer.write(data)
-            offset += len(data)
-        await writer.write(self._tail)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a file upload is not text")
-
-
-def _read_at(path: Path, offset: int, size: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-def _safe_base(path: Path) -> str:
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)[:80]
-    return name or f"file-{uuid.uuid4().hex[:8]}"
 
 
 def _check_task_id(task_id: str) -> None:
