@@ -462,9 +462,20 @@ def _api_answer(
                 request_id=rid_header,
             )
         code = body.get("code")
-        if code not in (None, ""):
-            # A 200 whose body carries a business code is an error (DashScope does this).
-            raise error_from_response(status, body, headers, request_id=rid_header)
+        if code is not None and code not in _SUCCESS_CODES:
+            task_id = _task_id(body)
+            if not (billed and task_id):
+                # A 200 whose body carries a business code is an error (DashScope does this).
+                raise error_from_response(status, body, headers, request_id=rid_header)
+            # A billed submit that names its task created it, whatever the code says: raising
+            # would lose the id of a task that is billed and running.
+            logger.warning(
+                "%s -> %d with code %r, but it names task %s: taken as created",
+                what,
+                status,
+                code,
+                task_id,
+            )
         logger.debug("%s -> %d request_id=%s", what, status, body.get("request_id"))
         return ApiResponse(status=status, body=body, headers=headers)
     if body is None:
@@ -472,6 +483,16 @@ def _api_answer(
     err = error_from_response(status, body, headers, request_id=rid_header)
     logger.debug("%s -> %d %s request_id=%s", what, status, err.code, err.request_id)
     raise err
+
+
+#: Codes a 2xx answer may carry that mean success.
+_SUCCESS_CODES: tuple[object, ...] = ("", "Success", "success", 0, "0")
+
+
+def _task_id(body: Mapping[str, Any]) -> str | None:
+    output = body.get("output")
+    task_id = output.get("task_id") if isinstance(output, Mapping) else None
+    return task_id if isinstance(task_id, str) and task_id else None
 
 
 async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:

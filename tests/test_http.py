@@ -162,6 +162,32 @@ class TestErrorMapping:
             with pytest.raises(emo_async.InvalidParameterError, match="hidden in a 200"):
                 await client.get_task("abc")
 
+    async def test_200_with_code_and_task_id_is_an_error_unless_billed(
+        self, scripted: Scripted
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {"code": "InternalError", "message": "m", "output": {"task_id": "abc"}}
+        )
+        async with make_client(scripted, retry=fast_retry(attempts=1)) as client:
+            with pytest.raises(emo_async.InternalServerError):
+                await client.get_task("abc")
+
+    @pytest.mark.parametrize("code", ["Success", "success", 0, "0", ""])
+    async def test_200_with_a_success_code_is_a_success(
+        self, scripted: Scripted, code: object
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {
+                "request_id": "r",
+                "code": code,
+                "output": {"task_id": "abc", "task_status": "RUNNING"},
+            }
+        )
+        async with make_client(scripted) as client:
+            task = await client.get_task("abc")
+        assert task.status == emo_async.TaskStatus.RUNNING
+        assert scripted.count("/tasks/abc") == 1
+
     async def test_non_json_error_body_becomes_server_error(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: web.Response(status=502, text="<html>bad gateway</html>")
         async with make_client(scripted, retry=fast_retry(attempts=2)) as client:
@@ -306,6 +332,30 @@ class TestBilledSubmit:
             task = await self.submit(client)
         assert task.task_id == "T"
         assert seen == {"async": "enable", "oss": None}
+
+    @pytest.mark.parametrize("code", ["InternalError.Algo", "Success"])
+    async def test_200_with_code_and_task_id_is_a_created_task(
+        self, scripted: Scripted, code: str
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {
+                "request_id": "r",
+                "code": code,
+                "message": "m",
+                "output": {"task_id": "T-200", "task_status": "PENDING"},
+            }
+        )
+        async with make_client(scripted) as client:
+            task = await self.submit(client)
+        assert task.task_id == "T-200"
+        assert scripted.count("video-synthesis") == 1
+
+    async def test_200_with_code_and_no_task_id_stays_an_error(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(200, "InvalidParameter", "hidden in a 200")
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.InvalidParameterError, match="hidden in a 200"):
+                await self.submit(client)
+        assert scripted.count("video-synthesis") == 1
 
     async def test_500_on_submit_is_ambiguous_and_never_resent(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: err(500, "InternalError")
