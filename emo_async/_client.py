@@ -117,6 +117,9 @@ class Client(AsyncContextManagerMixin):
         async with Client() as client:
             outcome = await client.generate("me.png", "hello.wav", "out/hello.mp4")
 
+    Where a block does not fit, ``client = await Client().__aenter__()`` opens it and
+    ``await client.aclose()`` closes it (from the same task). A client is opened once.
+
     Args:
         api_key: DashScope API key; falls back to ``DASHSCOPE_API_KEY``.
         base_url: API base URL; falls back to ``DASHSCOPE_HTTP_BASE_URL``, then Beijing's
@@ -189,6 +192,14 @@ class Client(AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        """Open the client: the connection pools, the shared poller and the downloader.
+
+        Leaving closes them; tasks still waiting on the poller get
+        :class:`ClientClosedError`.
+
+        Raises:
+            ClientClosedError: the client was opened (or closed) before.
+        """
         if self._state != "unopened":
             raise ClientClosedError("a Client can be entered once; create a new one")
         from ._download import Downloader
@@ -271,6 +282,19 @@ class Client(AsyncContextManagerMixin):
             await billed_session.close()
             await api_session.close()
             await ext_session.close()
+
+    async def aclose(self) -> None:
+        """Close a client opened with ``await client.__aenter__()``, like leaving its
+        ``async with`` block: it must run in the task that opened it.
+
+        Closing twice does nothing. A client that was never opened is marked closed (it holds
+        nothing yet), so it can no longer be opened. Inside an ``async with`` block, leave the
+        block instead: closing there makes the block's own exit fail.
+        """
+        if self._state == "open":
+            await self.__aexit__(None, None, None)
+        else:
+            self._state = "closed"
 
     def _origin_str(self) -> str:
         scheme, host, port = self.api_origin
@@ -652,7 +676,7 @@ class Client(AsyncContextManagerMixin):
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "open":
             warnings.warn(
-                "Client was not closed: use `async with Client(...)`",
+                "Client was not closed: use `async with Client(...)` or `await client.aclose()`",
                 ResourceWarning,
                 stacklevel=1,
             )
