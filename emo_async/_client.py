@@ -126,8 +126,8 @@ class Client(AsyncContextManagerMixin):
             ``https://dashscope.aliyuncs.com/api/v1``. Plain ``http://`` is accepted only for
             loopback hosts (the simulator).
         timeouts: Per-phase timeouts of API requests.
-        retry: Retry policy of API requests (the billed submit is retried only when provably
-            unsent).
+        retry: Retry policy of API requests and uploads (the billed submit is retried only
+            when provably unsent).
         limits: Request rates and pool sizes.
         poll: How the shared poller spends its query budget.
         download_timeouts: Connect and per-read timeouts of downloads (never a total).
