@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import mimetypes
 import os
-import time
-import uuid
 import warnings
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -30,6 +27,7 @@ from ._config import (
     DEFAULT_TIMEOUTS,
     DETECT_MODEL,
     EMO_MODEL,
+    RESULT_URL_VALIDITY,
     Limits,
     PollPolicy,
     RetryPolicy,
@@ -38,13 +36,9 @@ from ._config import (
 from ._download import url_deadline
 from ._exceptions import (
     AmbiguousSubmitError,
-    APIError,
     ClientClosedError,
     JobCancelledError,
     JobFailedError,
-    RateLimitError,
-    ServerError,
-    TransportError,
 )
 from ._http import HttpCore, env_proxy, is_loopback_host, make_trace_config, origin_of
 from ._models import (
@@ -60,6 +54,8 @@ from ._models import (
 from ._owned import OwnedTasks
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
+from ._singleflight import SingleFlight
+from ._upload import Uploader
 from ._util import single_error
 from ._version import __version__
 
@@ -75,9 +71,6 @@ logger = logging.getLogger("emo_async")
 
 _SUBMIT_PATH = "/services/aigc/image2video/video-synthesis/"
 _DETECT_PATH = "/services/aigc/image2video/face-detect"
-#: Temporary uploads are valid 48 h; stop reusing one a little before that.
-_UPLOAD_VALIDITY = _dt.timedelta(hours=48)
-_UPLOAD_REUSE_MARGIN = _dt.timedelta(hours=1)
 _STYLES = ("normal", "calm", "active")
 
 
@@ -118,13 +111,6 @@ class ClientStatistics:
     poller: PollerStatistics
 
 
-@attrs.frozen
-class _Policy:
-    data: Mapping[str, Any]
-    expires: float  # monotonic
-    margin: float
-
-
 class Client(AsyncContextManagerMixin):
     """An asyncio client for DashScope's EMO models.
 
@@ -134,14 +120,17 @@ class Client(AsyncContextManagerMixin):
         async with Client() as client:
             outcome = await client.generate("me.png", "hello.wav", "out/hello.mp4")
 
+    Where a block does not fit, ``client = await Client().__aenter__()`` opens it and
+    ``await client.aclose()`` closes it (from the same task). A client is opened once.
+
     Args:
         api_key: DashScope API key; falls back to ``DASHSCOPE_API_KEY``.
         base_url: API base URL; falls back to ``DASHSCOPE_HTTP_BASE_URL``, then Beijing's
             ``https://dashscope.aliyuncs.com/api/v1``. Plain ``http://`` is accepted only for
             loopback hosts (the simulator).
         timeouts: Per-phase timeouts of API requests.
-        retry: Retry policy of API requests (the billed submit is retried only when provably
-            unsent).
+        retry: Retry policy of API requests and uploads (the billed submit is retried only
+            when provably unsent).
         limits: Request rates and pool sizes.
         poll: How the shared poller spends its query budget.
         download_timeouts: Connect and per-read timeouts of downloads (never a total).
@@ -180,7 +169,6 @@ class Client(AsyncContextManagerMixin):
         self.owned = OwnedTasks()
         self._state = "unopened"
         self._http: HttpCore | None = None
-        self._ext_session: aiohttp.ClientSession | None = None
         self._poller: StatusPoller | None = None
         self._downloader: Downloader | None = None
         self._limiters = {
@@ -191,13 +179,10 @@ class Client(AsyncContextManagerMixin):
             "cancel": AdaptiveRateLimiter("cancel", limits.cancel_qps),
             "list": AdaptiveRateLimiter("list", limits.list_qps),
         }
-        self._upload_slots = anyio.CapacityLimiter(limits.max_uploads)
-        self._policies: dict[str, _Policy] = {}
-        self._policy_lock = anyio.Lock()
-        self._uploads: dict[tuple[str, str], tuple[str, _dt.datetime]] = {}
-        self._upload_proxies: dict[str, str | None] = {}
-        self._inflight: dict[Any, anyio.Event] = {}
-        self._detections: dict[tuple[str, str], Detection] = {}
+        self._uploader = Uploader(
+            self._core, api_origin=self.api_origin, max_uploads=limits.max_uploads
+        )
+        self._detections: SingleFlight[tuple[str, str], Detection] = SingleFlight()
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -212,6 +197,14 @@ class Client(AsyncContextManagerMixin):
 
     @asynccontextmanager
     async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        """Open the client: the connection pools, the shared poller and the downloader.
+
+        Leaving closes them; tasks still waiting on the poller get
+        :class:`ClientClosedError`.
+
+        Raises:
+            ClientClosedError: the client was opened (or closed) before.
+        """
         if self._state != "unopened":
             raise ClientClosedError("a Client can be entered once; create a new one")
         from ._download import Downloader
@@ -233,8 +226,8 @@ class Client(AsyncContextManagerMixin):
             trust_env=False,
             trace_configs=[make_trace_config()],
         )
-        # Uploads: the environment's proxy is read once per upload host (see _upload_proxy)
-        # rather than by aiohttp on every upload (two thread hops each, with .netrc).
+        # Uploads: no key, ever. The environment's proxy is read once per upload host (by the
+        # request path) rather than by aiohttp on every upload (two thread hops each, .netrc).
         ext_session = aiohttp.ClientSession(
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -249,6 +242,8 @@ class Client(AsyncContextManagerMixin):
             self._http = HttpCore(
                 api_session,
                 billed_session=billed_session,
+                external_session=ext_session,
+                external_timeouts=self.download_timeouts,
                 proxy=env_proxy(self.base_url),
                 base_url=self.base_url,
                 api_key=self.__key,
@@ -257,7 +252,6 @@ class Client(AsyncContextManagerMixin):
                 limiters=self._limiters,
                 user_agent=ua,
             )
-            self._ext_session = ext_session
             self._poller = StatusPoller(self.poll_policy, self.get_task, self._sweep_pages)
             body_exc: BaseException | None = None
             try:
@@ -293,6 +287,19 @@ class Client(AsyncContextManagerMixin):
             await billed_session.close()
             await api_session.close()
             await ext_session.close()
+
+    async def aclose(self) -> None:
+        """Close a client opened with ``await client.__aenter__()``, like leaving its
+        ``async with`` block: it must run in the task that opened it.
+
+        Closing twice does nothing. A client that was never opened is marked closed (it holds
+        nothing yet), so it can no longer be opened. Inside an ``async with`` block, leave the
+        block instead: closing there makes the block's own exit fail.
+        """
+        if self._state == "open":
+            await self.__aexit__(None, None, None)
+        else:
+            self._state = "closed"
 
     def _origin_str(self) -> str:
         scheme, host, port = self.api_origin
@@ -547,34 +554,6 @@ class Client(AsyncContextManagerMixin):
 
     # -- uploads -----------------------------------------------------------------------------
 
-    async def _policy(self, model: str) -> Mapping[str, Any]:
-        cached = self._policies.get(model)
-        if cached is not None and cached.expires - time.monotonic() > cached.margin:
-            return cached.data  # the common case, without taking the lock
-        async with self._policy_lock:
-            cached = self._policies.get(model)
-            if cached is not None and cached.expires - time.monotonic() > cached.margin:
-                return cached.data
-            resp = await self._core().request(
-                "GET",
-                "/uploads",
-                family="policy",
-                params={"action": "getPolicy", "model": model},
-            )
-            data = resp.body.get("data")
-            if not isinstance(data, Mapping) or not data.get("upload_host"):
-                raise APIError(
-                    "the upload policy answer has no data.upload_host",
-                    status=resp.status,
-                    request_id=resp.request_id,
-                )
-            ttl = _as_int(data.get("expire_in_seconds")) or 300
-            # Renew a little before it expires: 30 s, or a fifth of a short lifetime.
-            self._policies[model] = _Policy(
-                data=data, expires=time.monotonic() + ttl, margin=min(30.0, ttl / 5)
-            )
-            return data
-
     async def upload(self, path: str | os.PathLike[str], *, model: str = EMO_MODEL) -> str:
         """Upload a local file to DashScope's temporary storage; returns its ``oss://`` URL.
 
@@ -597,145 +576,24 @@ class Client(AsyncContextManagerMixin):
         ``content``: the file's bytes (those ``digest`` was computed from), when the caller has
         them already: they are sent as they are, without reading the file again.
         """
-        cache_key = (digest, model)
-        while True:
-            hit = self._uploads.get(cache_key)
-            if hit is not None and hit[1] - _dt.datetime.now(_dt.UTC) > _UPLOAD_REUSE_MARGIN:
-                return hit[0]
-            pending = self._inflight.get(("upload", cache_key))
-            if pending is None:
-                break
-            await pending.wait()
-        event = anyio.Event()
-        self._inflight[("upload", cache_key)] = event
-        try:
-            async with self._upload_slots:
-                url = await self._upload_once(path, digest, model, content)
-            self._uploads[cache_key] = (url, _dt.datetime.now(_dt.UTC) + _UPLOAD_VALIDITY)
-            return url
-        finally:
-            del self._inflight[("upload", cache_key)]
-            event.set()
+        return await self._uploader.upload(path, digest, model=model, content=content)
 
     def remember_upload(self, digest: str, model: str, url: str, expires_at: _dt.datetime) -> None:
         """Seed the upload cache (e.g. from a journal)."""
-        self._uploads[(digest, model)] = (url, expires_at)
-
-    def _form(
-        self, policy: Mapping[str, Any], path: Path, digest: str, mime: str
-    ) -> tuple[str, str, dict[str, str]]:
-        host = str(policy["upload_host"])
-        if origin_of(host) == self.api_origin:
-            # The upload session never carries the key, but an upload host equal to the API
-            # host means the policy is not what we think.
-            raise APIError("the upload policy names the API host", status=200)
-        # Content-addressed keys: the same bytes get the same object; forbid-overwrite is safe.
-        key = f"{str(policy.get('upload_dir', '')).rstrip('/')}/{digest[:32]}/{_safe_base(path)}"
-        fields = {
-            "OSSAccessKeyId": str(policy.get("oss_access_key_id", "")),
-            "Signature": str(policy.get("signature", "")),
-            "policy": str(policy.get("policy", "")),
-            "key": key,
-            "x-oss-object-acl": str(policy.get("x_oss_object_acl", "private")),
-            "x-oss-forbid-overwrite": str(policy.get("x_oss_forbid_overwrite", "true")),
-            "success_action_status": "200",
-            "x-oss-content-type": mime,
-        }
-        return host, key, fields
-
-    def _upload_proxy(self, host: str) -> str | None:
-        if host not in self._upload_proxies:
-            self._upload_proxies[host] = env_proxy(host)
-        return self._upload_proxies[host]
-
-    async def _upload_once(
-        self, path: Path, digest: str, model: str, content: bytes | None = None
-    ) -> str:
-        if content is not None:
-            size = len(content)
-        else:
-            # One thread hop: the size, and the bytes themselves when the file is small.
-            size, content = await anyio.to_thread.run_sync(_read_small, path, _SMALL_UPLOAD)
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        used = await self._policy(model)
-        host, key, fields = self._form(used, path, digest, mime)
-        session = self._ext_session
-        assert session is not None
-        attempt = 0
-        refreshed = False
-        while True:
-            form = _Form(fields, path, size, mime, content)
-            try:
-                async with session.post(
-                    host,
-                    data=form.body,
-                    headers={"Content-Type": form.content_type},
-                    allow_redirects=False,
-                    proxy=self._upload_proxy(host),
-                ) as resp:
-                    text = (await resp.content.read(4096)).decode("utf-8", "replace")
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                error: Exception = TransportError(f"upload of {path.name} failed: {exc}")
-            else:
-                if status in (200, 201, 204):
-                    return f"oss://{key}"
-                if status == 409 and "FileAlreadyExists" in text:
-                    # Same content-addressed key: an earlier upload of these very bytes.
-                    return f"oss://{key}"
-                if status == 403 and not refreshed:
-                    # Most likely the policy expired earlier than our clock said (clock skew):
-                    # fetch a fresh one and try once more.
-                    refreshed = True
-                    cached = self._policies.get(model)
-                    if cached is not None and cached.data is used:
-                        self._policies.pop(model, None)  # once, not by every upload that saw it
-                    used = await self._policy(model)
-                    host, key, fields = self._form(used, path, digest, mime)
-                    continue
-                # The class says whether trying later may help (the batch retries a job whose
-                # upload failed with a retryable error rather than fail it).
-                err_cls = (
-                    ServerError if status >= 500 else RateLimitError if status == 429 else APIError
-                )
-                err = err_cls(
-                    f"upload of {path.name} refused: HTTP {status}: {text[:200]}", status=status
-                )
-                if status < 500 and status != 429:
-                    raise err
-                error = err
-            attempt += 1
-            if attempt >= self.retry.attempts:
-                raise error
-            await anyio.sleep(self._core().backoff(attempt - 1))
+        self._uploader.remember(digest, model, url, expires_at)
 
     # -- detection with a cache --------------------------------------------------------------
 
     async def detect_cached(self, image_url: str, digest: str, ratio: str) -> Detection:
         """:meth:`detect` once per (image content, ratio) for this client; concurrent callers
         for the same portrait share one request."""
-        key = (digest, ratio)
-        while True:
-            hit = self._detections.get(key)
-            if hit is not None:
-                return hit
-            pending = self._inflight.get(("detect", key))
-            if pending is None:
-                break
-            await pending.wait()
-        event = anyio.Event()
-        self._inflight[("detect", key)] = event
-        try:
-            det = await self.detect(image_url, ratio=ratio)
-            self._detections[key] = det
-            return det
-        finally:
-            del self._inflight[("detect", key)]
-            event.set()
+        return await self._detections.get_or_compute(
+            (digest, ratio), lambda: self.detect(image_url, ratio=ratio)
+        )
 
     def remember_detection(self, digest: str, ratio: str, detection: Detection) -> None:
         """Seed the detection cache (e.g. from a journal)."""
-        self._detections[(digest, ratio)] = detection
+        self._detections.put((digest, ratio), detection)
 
     # -- downloads, one-call generation and batches -------------------------------------------
 
@@ -754,7 +612,7 @@ class Client(AsyncContextManagerMixin):
             url = task_or_url.video_url
             if deadline is None and url_deadline(url) is None and task_or_url.end_time:
                 # No Expires in the URL: DashScope keeps results 24 h after the task ends.
-                deadline = task_or_url.end_time + _dt.timedelta(hours=24)
+                deadline = task_or_url.end_time + RESULT_URL_VALIDITY
         else:
             url = task_or_url
         return await self.downloader.download(url, Path(dest), deadline=deadline)
@@ -875,101 +733,10 @@ class Client(AsyncContextManagerMixin):
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "open":
             warnings.warn(
-                "Client was not closed: use `async with Client(...)`",
+                "Client was not closed: use `async with Client(...)` or `await client.aclose()`",
                 ResourceWarning,
                 stacklevel=1,
             )
-
-
-#: Files up to this size are read in one go and sent as one buffer; larger ones are streamed.
-_SMALL_UPLOAD = 1 << 20
-
-
-def _read_small(path: Path, limit: int) -> tuple[int, bytes | None]:
-    """The size of ``path``, and its bytes when it holds at most ``limit``."""
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-        if len(data) > limit:
-            return os.fstat(f.fileno()).st_size, None
-    return len(data), data
-
-
-class _Form:
-    """The upload's multipart form, built by hand: the fields and the file part's header are one
-    buffer, so a small file goes out in one write instead of aiohttp's two per field."""
-
-    def __init__(
-        self, fields: Mapping[str, str], path: Path, size: int, mime: str, content: bytes | None
-    ) -> None:
-        from aiohttp.helpers import content_disposition_header
-
-        boundary = uuid.uuid4().hex
-        self.content_type = f"multipart/form-data; boundary={boundary}"
-        parts = [
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-            for name, value in fields.items()
-        ]
-        disposition = content_disposition_header("form-data", name="file", filename=path.name)
-        parts.append(
-            f"--{boundary}\r\nContent-Type: {mime}\r\nContent-Disposition: {disposition}\r\n\r\n"
-        )
-        head = "".join(parts).encode("utf-8")
-        tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-        self.body: bytes | _StreamedForm = (
-            head + content + tail if content is not None else _StreamedForm(head, path, size, tail)
-        )
-
-
-class _StreamedForm(aiohttp.payload.Payload):
-    """A form whose file is streamed from disk in worker threads, its size known up front (so
-    the form has a Content-Length, as OSS expects).
-
-    Each chunk is read by a thread that opens and closes the file itself: aiohttp cancels the
-    writer when the upload host answers early (a 5xx before the body is read), and a file
-    opened in a thread whose awaiting task was cancelled would be left open (a leaked handle).
-    """
-
-    _CHUNK = 1 << 18
-
-    def __init__(self, head: bytes, path: Path, size: int, tail: bytes) -> None:
-        super().__init__(path, content_type=None)
-        self._head, self._path, self._file_size, self._tail = head, path, size, tail
-
-    @property
-    def size(self) -> int | None:
-        return len(self._head) + self._file_size + len(self._tail)
-
-    async def write(self, writer: aiohttp.abc.AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: aiohttp.abc.AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        await writer.write(self._head)
-        offset = 0
-        while offset < self._file_size:
-            want = min(self._CHUNK, self._file_size - offset)
-            data = await anyio.to_thread.run_sync(_read_at, self._path, offset, want)
-            if not data:
-                # Shorter than announced: fail the request rather than leave it hanging.
-                raise aiohttp.ClientPayloadError(f"{self._path.name} shrank during its upload")
-            await writer.write(data)
-            offset += len(data)
-        await writer.write(self._tail)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("a file upload is not text")
-
-
-def _read_at(path: Path, offset: int, size: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-def _safe_base(path: Path) -> str:
-    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in path.name)[:80]
-    return name or f"file-{uuid.uuid4().hex[:8]}"
 
 
 def _check_task_id(task_id: str) -> None:

@@ -6,7 +6,9 @@ Every record is frozen; derive a variant with ``attrs.evolve(DEFAULT_TIMEOUTS, r
 
 from __future__ import annotations
 
-from typing import Any
+import datetime as _dt
+import random
+from typing import Any, Final
 
 import attrs
 from attrs import validators as v
@@ -33,6 +35,17 @@ DETECT_MODEL = "emo-detect-v1"
 DEFAULT_MAX_LIST_PAGES = 50
 
 DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+
+# The protocol's lifetimes and names, in one place (internal: not exported).
+#: A temporary upload (``oss://``) stays readable this long after it was made.
+UPLOAD_VALIDITY: Final = _dt.timedelta(hours=48)
+#: An upload is handed out again only while it stays valid at least this long: the job that
+#: reuses it may still wait for detection and a submit slot before the model reads it.
+UPLOAD_REUSE_MARGIN: Final = _dt.timedelta(hours=1)
+#: A result video's URL works this long after its task ended (when the URL carries no expiry).
+RESULT_URL_VALIDITY: Final = _dt.timedelta(hours=24)
+#: The batch journal's file name inside the output directory.
+JOURNAL_FILE_NAME: Final = ".emo-journal.sqlite3"
 
 _pos: Any = v.gt(0)
 _nonneg: Any = v.ge(0)
@@ -68,8 +81,9 @@ class RetryPolicy:
 
     The wait before retry ``n`` (0-based) is drawn uniformly from
     ``[0, min(wait_max, wait_initial * wait_exp_base**n)]`` ("full jitter") unless the server
-    asks for a longer one through ``Retry-After``; a ``Retry-After`` beyond
-    ``retry_after_max`` is not waited for, the error is raised instead.
+    asks for a longer one through ``Retry-After`` (see :meth:`backoff`). An API request does
+    not wait for a ``Retry-After`` beyond ``retry_after_max``: the error is raised instead; a
+    download waits ``retry_after_max``.
 
     A retry budget (gRPC's retry throttling) stops retries from amplifying an outage: every
     retry spends one token, every success earns ``budget_refill`` tokens, and retries are
@@ -97,6 +111,24 @@ class RetryPolicy:
     retry_after_max: float = attrs.field(default=120.0, validator=_nonneg)
     budget_tokens: float | None = attrs.field(default=20.0, validator=_opt_pos)
     budget_refill: float = attrs.field(default=0.2, validator=_nonneg)
+
+    def backoff(self, attempt: int, *, retry_after: float | None = None) -> float:
+        """The wait, in seconds, before retry number ``attempt`` (0 before the first retry).
+
+        Full jitter: uniform in ``[0, min(wait_max, wait_initial * wait_exp_base**attempt)]``,
+        or that ceiling itself when ``wait_jitter`` is off. A ``Retry-After`` (seconds) is a
+        floor: the wait is at least ``min(retry_after, retry_after_max)``. Whether a
+        ``Retry-After`` beyond ``retry_after_max`` is waited for (capped) or the error is
+        raised instead is the caller's decision.
+        """
+        try:
+            ceiling = min(self.wait_max, self.wait_initial * self.wait_exp_base ** max(0, attempt))
+        except OverflowError:  # a very late attempt: the ceiling is wait_max
+            ceiling = self.wait_max
+        wait = random.uniform(0.0, ceiling) if self.wait_jitter else ceiling
+        if retry_after is not None:
+            wait = max(wait, min(max(0.0, retry_after), self.retry_after_max))
+        return wait
 
 
 DEFAULT_RETRY_POLICY = RetryPolicy()

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sys
 from collections.abc import Collection
@@ -356,9 +355,9 @@ class Downloader:
         timeouts: ``connect`` and ``read`` (the longest gap between two reads) are used;
             downloads never have a total timeout.
         retry: ``attempts`` bounds consecutive failed attempts that received no new bytes (one
-            that did resets the count); the waits use ``wait_initial``, ``wait_max``,
-            ``wait_exp_base`` and ``wait_jitter``. ``timeout`` and the budget are not used: a
-            download retries until its URL deadline.
+            that did resets the count); the waits are :meth:`RetryPolicy.backoff`'s, a
+            ``Retry-After`` capped at ``retry_after_max``. ``timeout`` and the budget are not
+            used: a download retries until its URL deadline.
         chunk_size: Bytes per write (and per hash update).
         forbidden_origins: URLs (or origins) that must never be downloaded from, e.g. the API
             host; any ``scheme://host:port`` that matches one of them is refused.
@@ -533,15 +532,6 @@ class Downloader:
                 "not a result host"
             )
 
-    def _backoff(self, failures: int, retry_after: float | None) -> float:
-        policy = self.retry
-        if retry_after is not None:
-            return min(retry_after, policy.retry_after_max)
-        ceiling = min(
-            policy.wait_max, policy.wait_initial * policy.wait_exp_base ** max(0, failures - 1)
-        )
-        return random.uniform(0.0, ceiling) if policy.wait_jitter else ceiling
-
 
 def _raise_if_expired(
     deadline: _dt.datetime | None,
@@ -704,7 +694,7 @@ class _Transfer:
                     f"download of {self.shown} failed {failures} times in a row without "
                     f"progress; last: {reason}"
                 ) from cause
-            wait = owner._backoff(failures, retry_after)
+            wait = owner.retry.backoff(failures - 1, retry_after=retry_after)
             if self.deadline is not None:
                 left = (self.deadline - _now()).total_seconds()
                 _raise_if_expired(self.deadline, self.url, while_="before a retry", cause=cause)

@@ -15,9 +15,8 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,32 +154,42 @@ class HttpStatistics:
 
 
 class HttpCore:
-    """Sends API requests for one :class:`Client` (internal)."""
+    """Sends API requests for one :class:`Client` (internal), and the keyless requests to the
+    upload host, through one retry loop."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
         *,
         billed_session: aiohttp.ClientSession | None = None,
+        external_session: aiohttp.ClientSession | None = None,
         proxy: str | None = None,
         base_url: str,
         api_key: str,
         timeouts: Timeouts,
+        external_timeouts: Timeouts | None = None,
         retry: RetryPolicy,
         limiters: Mapping[str, AdaptiveRateLimiter],
         user_agent: str,
     ) -> None:
         self._session = session
         self._billed_session = billed_session or session
+        self._external_session = external_session
         self._proxy = proxy
+        self._external_proxies: dict[tuple[str, str, int], str | None] = {}
         self._base = base_url.rstrip("/")
         self._key = api_key
         self._timeouts = timeouts
+        self._external_timeouts = external_timeouts or timeouts
         self._retry = retry
         self._limiters = limiters
         self._budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
+        # The upload host is another failure domain: its outage must not spend the API's budget.
+        self._external_budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
         self._ua = user_agent
         self.stats = HttpStatistics()
+        #: Requests to hosts other than the API (uploads); not part of the API's statistics.
+        self.external_stats = HttpStatistics()
 
     @property
     def base_url(self) -> str:
@@ -189,12 +198,6 @@ class HttpCore:
     def _timeout(self) -> aiohttp.ClientTimeout:
         t = self._timeouts
         return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
-
-    def backoff(self, attempt: int) -> float:
-        """The wait before retry number ``attempt`` (0-based)."""
-        r = self._retry
-        cap = min(r.wait_max, r.wait_initial * (r.wait_exp_base**attempt))
-        return random.uniform(0, cap) if r.wait_jitter else cap
 
     async def request(
         self,
@@ -215,7 +218,6 @@ class HttpCore:
             TransportError: no answer (after retries).
         """
         url = self._base + path
-        limiter = self._limiters[family]
         hdrs = {
             "Authorization": f"Bearer {self._key}",
             "Accept": "application/json",
@@ -226,29 +228,125 @@ class HttpCore:
         if headers:
             hdrs.update(headers)
         data = json.dumps(json_body, separators=(",", ":")) if json_body is not None else None
+        session = self._billed_session if billed else self._session
+        timeout = self._timeout()
+        what = f"{method} {path}"
 
+        async def send(state: _SendState) -> ApiResponse:
+            status, raw, resp_headers = await self._exchange(
+                session,
+                method,
+                url,
+                what=what,
+                headers=hdrs,
+                data=data,
+                params=params,
+                client_timeout=timeout,
+                proxy=self._proxy,
+                state=state,
+                limit=_MAX_BODY + 1,
+            )
+            return _api_answer(what, status, raw, resp_headers, billed=billed)
+
+        return await self._with_retries(
+            send,
+            what=what,
+            limiter=self._limiters[family],
+            billed=billed,
+            stats=self.stats,
+            budget=self._budget,
+        )
+
+    async def send_external(
+        self,
+        method: str,
+        url: str,
+        *,
+        what: str,
+        prepare: Callable[[], tuple[Any, Mapping[str, str]]],
+        interpret: Callable[[int, bytes, Mapping[str, str]], ApiResponse],
+        read_limit: int = 4096,
+    ) -> ApiResponse:
+        """Send a request to a host that is not the API (the upload host), through the same
+        retries, backoff, Retry-After handling and transport-error mapping as API requests.
+
+        It goes out on the external session, which carries no key: no ``Authorization`` header
+        ever reaches such a host. Its timeouts are the external ones (connect and per-read, no
+        total: a large upload on a slow link is not an error).
+
+        Args:
+            what: How messages and logs name the request (never the URL: it may be signed).
+            prepare: Builds the body and its headers afresh for every attempt (a streamed
+                body cannot be replayed).
+            interpret: Turns (status, the body's first ``read_limit`` bytes, headers) into
+                the answer, or raises the :class:`APIError` it means (its class decides
+                whether the request is retried).
+        """
+        session = self._external_session
+        if session is None:
+            raise RuntimeError("this HttpCore has no session for external hosts")
+        if origin_of(url) == origin_of(self._base):
+            raise ValueError(f"{what}: the API host is not an external host")
+        origin = origin_of(url)
+        if origin not in self._external_proxies:
+            self._external_proxies[origin] = env_proxy(url)
+        proxy = self._external_proxies[origin]
+        t = self._external_timeouts
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
+
+        async def send(state: _SendState) -> ApiResponse:
+            data, headers = prepare()
+            if any(name.lower() == "authorization" for name in headers):
+                raise ValueError(f"{what}: an external host never gets an Authorization header")
+            status, raw, resp_headers = await self._exchange(
+                session,
+                method,
+                url,
+                what=what,
+                headers=headers,
+                data=data,
+                params=None,
+                client_timeout=timeout,
+                proxy=proxy,
+                state=state,
+                limit=read_limit,
+            )
+            return interpret(status, raw, resp_headers)
+
+        return await self._with_retries(
+            send,
+            what=what,
+            limiter=None,
+            billed=False,
+            stats=self.external_stats,
+            budget=self._external_budget,
+        )
+
+    async def _with_retries(
+        self,
+        send: Callable[[_SendState], Awaitable[ApiResponse]],
+        *,
+        what: str,
+        limiter: AdaptiveRateLimiter | None,
+        billed: bool,
+        stats: HttpStatistics,
+        budget: _RetryBudget,
+    ) -> ApiResponse:
         started = time.monotonic()
         attempt = 0
         while True:
-            await limiter.acquire()
+            if limiter is not None:
+                await limiter.acquire()
             state = _SendState()
             sent_at = _dt.datetime.now(_dt.UTC)
-            self.stats.requests += 1
+            stats.requests += 1
             try:
-                result = await self._send_once(
-                    self._billed_session if billed else self._session,
-                    method,
-                    url,
-                    hdrs,
-                    data,
-                    params,
-                    state,
-                )
+                result = await send(state)
             except TransportError as exc:
-                self.stats.transport_errors += 1
+                stats.transport_errors += 1
                 if billed and state.headers_sent:
                     raise AmbiguousSubmitError(
-                        f"{method} {path}: the request was sent but no answer came back "
+                        f"{what}: the request was sent but no answer came back "
                         f"({exc}); a task may have been created",
                         sent_at=sent_at,
                         failed_at=_dt.datetime.now(_dt.UTC),
@@ -257,21 +355,22 @@ class HttpCore:
                 retry_after = None
             except APIError as exc:
                 if isinstance(exc, RateLimitError):
-                    self.stats.throttled += 1
+                    stats.throttled += 1
                     # The family pauses for Retry-After, but no longer than retry_after_max:
                     # past that the error goes to the caller, and a pause of an hour would
                     # silently hold every later request of the family.
-                    limiter.on_throttle(
-                        None
-                        if exc.retry_after is None
-                        else min(exc.retry_after, self._retry.retry_after_max)
-                    )
+                    if limiter is not None:
+                        limiter.on_throttle(
+                            None
+                            if exc.retry_after is None
+                            else min(exc.retry_after, self._retry.retry_after_max)
+                        )
                 elif isinstance(exc, ServerError):
-                    self.stats.server_errors += 1
+                    stats.server_errors += 1
                 if billed and isinstance(exc, ServerError) and exc.status != 503:
                     # A 500 on a billed POST does not prove nothing was created.
                     raise AmbiguousSubmitError(
-                        f"{method} {path}: the server failed after receiving the request "
+                        f"{what}: the server failed after receiving the request "
                         f"({exc}); a task may have been created",
                         sent_at=sent_at,
                         failed_at=_dt.datetime.now(_dt.UTC),
@@ -281,28 +380,26 @@ class HttpCore:
                 error = exc
                 retry_after = exc.retry_after if isinstance(exc, RateLimitError) else None
             else:
-                limiter.on_success()
-                self._budget.on_success()
+                if limiter is not None:
+                    limiter.on_success()
+                budget.on_success()
                 return result
 
+            if retry_after is not None and retry_after > self._retry.retry_after_max:
+                raise error
+            wait = self._retry.backoff(attempt, retry_after=retry_after)
             attempt += 1
-            wait = self.backoff(attempt - 1)
-            if retry_after is not None:
-                if retry_after > self._retry.retry_after_max:
-                    raise error
-                wait = max(wait, retry_after)
             elapsed = time.monotonic() - started
             if (
                 attempt >= self._retry.attempts
                 or (self._retry.timeout is not None and elapsed + wait > self._retry.timeout)
-                or not self._budget.try_spend()
+                or not budget.try_spend()
             ):
                 raise error
-            self.stats.retries += 1
+            stats.retries += 1
             logger.info(
-                "retrying %s %s in %.2fs after %s (attempt %d of %d)",
-                method,
-                path,
+                "retrying %s in %.2fs after %s (attempt %d of %d)",
+                what,
                 wait,
                 type(error).__name__,
                 attempt + 1,
@@ -310,16 +407,23 @@ class HttpCore:
             )
             await anyio.sleep(wait)
 
-    async def _send_once(
+    async def _exchange(
         self,
         session: aiohttp.ClientSession,
         method: str,
         url: str,
+        *,
+        what: str,
         headers: Mapping[str, str],
-        data: str | None,
+        data: Any,
         params: Mapping[str, str] | None,
+        client_timeout: aiohttp.ClientTimeout,
+        proxy: str | None,
         state: _SendState,
-    ) -> ApiResponse:
+        limit: int,
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """One request: (status, the body's first ``limit`` bytes, headers), or a
+        :class:`TransportError`."""
         try:
             async with session.request(
                 method,
@@ -327,47 +431,68 @@ class HttpCore:
                 data=data,
                 params=params,
                 headers=headers,
-                timeout=self._timeout(),
+                timeout=client_timeout,
                 allow_redirects=False,
-                proxy=self._proxy,
+                proxy=proxy,
                 trace_request_ctx=state,
             ) as resp:
-                raw = await _read_capped(resp.content, _MAX_BODY + 1)
-                status = resp.status
-                resp_headers = dict(resp.headers)
+                raw = await _read_capped(resp.content, limit)
+                return resp.status, raw, dict(resp.headers)
         except TimeoutError as exc:
-            raise RequestTimeoutError(f"{method} {_path(url)}: timed out") from exc
+            raise RequestTimeoutError(f"{what}: timed out") from exc
         except aiohttp.ClientError as exc:
             # Not chained: aiohttp errors can carry the request headers, Authorization included.
-            raise TransportError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from None
+            raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from None
 
-        rid_header = resp_headers.get("X-Request-Id") or resp_headers.get("x-request-id")
-        body, text = _decode(raw)
-        if len(raw) > _MAX_BODY:
-            body, text = None, "response body too large"
-        if 200 <= status < 300:
-            if body is None:
-                raise ServerError(
-                    f"the server answered {status} with a body that is not JSON: {text!r}",
-                    status=status,
-                    code=None,
-                    request_id=rid_header,
-                )
-            code = body.get("code")
-            if code not in (None, ""):
-                # A 200 whose body carries a business code is an error (DashScope does this).
-                raise error_from_response(status, body, resp_headers, request_id=rid_header)
-            logger.debug(
-                "%s %s -> %d request_id=%s", method, _path(url), status, body.get("request_id")
-            )
-            return ApiResponse(status=status, body=body, headers=resp_headers)
+
+def _api_answer(
+    what: str, status: int, raw: bytes, headers: Mapping[str, str], *, billed: bool
+) -> ApiResponse:
+    """An API answer as a success, or the :class:`APIError` it means."""
+    rid_header = headers.get("X-Request-Id") or headers.get("x-request-id")
+    body, text = _decode(raw)
+    if len(raw) > _MAX_BODY:
+        body, text = None, "response body too large"
+    if 200 <= status < 300:
         if body is None:
-            body = {"message": f"HTTP {status}: {text}" if text else f"HTTP {status}"}
-        err = error_from_response(status, body, resp_headers, request_id=rid_header)
-        logger.debug(
-            "%s %s -> %d %s request_id=%s", method, _path(url), status, err.code, err.request_id
-        )
-        raise err
+            raise ServerError(
+                f"the server answered {status} with a body that is not JSON: {text!r}",
+                status=status,
+                code=None,
+                request_id=rid_header,
+            )
+        code = body.get("code")
+        if code is not None and code not in _SUCCESS_CODES:
+            task_id = _task_id(body)
+            if not (billed and task_id):
+                # A 200 whose body carries a business code is an error (DashScope does this).
+                raise error_from_response(status, body, headers, request_id=rid_header)
+            # A billed submit that names its task created it, whatever the code says: raising
+            # would lose the id of a task that is billed and running.
+            logger.warning(
+                "%s -> %d with code %r, but it names task %s: taken as created",
+                what,
+                status,
+                code,
+                task_id,
+            )
+        logger.debug("%s -> %d request_id=%s", what, status, body.get("request_id"))
+        return ApiResponse(status=status, body=body, headers=headers)
+    if body is None:
+        body = {"message": f"HTTP {status}: {text}" if text else f"HTTP {status}"}
+    err = error_from_response(status, body, headers, request_id=rid_header)
+    logger.debug("%s -> %d %s request_id=%s", what, status, err.code, err.request_id)
+    raise err
+
+
+#: Codes a 2xx answer may carry that mean success.
+_SUCCESS_CODES: tuple[object, ...] = ("", "Success", "success", 0, "0")
+
+
+def _task_id(body: Mapping[str, Any]) -> str | None:
+    output = body.get("output")
+    task_id = output.get("task_id") if isinstance(output, Mapping) else None
+    return task_id if isinstance(task_id, str) and task_id else None
 
 
 async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:

@@ -94,3 +94,50 @@ class TestUploadMemory:
                 tracemalloc.stop()
         assert url.startswith("oss://")
         assert peak < 4 * 1024 * 1024, peak
+
+
+class TestLifecycle:
+    """aclose() after a manual __aenter__, like httpx; help() shows the Client's own docs."""
+
+    async def test_aclose_closes_a_manually_entered_client(self, sim: Simulator) -> None:
+        import emo_async
+
+        client = Client(sim.api_key, base_url=sim.base_url)
+        assert await client.__aenter__() is client
+        assert [t async for t in client.list_tasks(max_pages=1)] == []
+        http = client._http
+        assert http is not None
+        await client.aclose()
+        assert "state=closed" in repr(client)
+        assert http._session.closed
+        with pytest.raises(emo_async.ClientClosedError):
+            await client.get_task("t1")
+        await client.aclose()  # twice: nothing happens
+        with pytest.raises(emo_async.ClientClosedError):
+            async with client:
+                pass
+        assert sim.ledger.count() == 1
+
+    async def test_aclose_of_a_never_opened_client_marks_it_closed(self, sim: Simulator) -> None:
+        import emo_async
+
+        client = Client(sim.api_key, base_url=sim.base_url)
+        await client.aclose()
+        assert "state=closed" in repr(client)
+        with pytest.raises(emo_async.ClientClosedError, match="entered once"):
+            await client.__aenter__()
+        assert sim.ledger.count() == 0
+
+    def test_help_shows_the_clients_own_docs(self) -> None:
+        import pydoc
+
+        import emo_async
+
+        assert (emo_async.Client.__doc__ or "").startswith("An asyncio client for DashScope")
+        text = pydoc.plain(pydoc.render_doc(emo_async.Client))
+        head = "\n".join(text.splitlines()[:12])
+        assert "An asyncio client for DashScope's EMO models." in head
+        assert "aclose" in text
+        # anyio's placeholder for the abstract method is not what a user should read.
+        assert "Implement your async context manager logic here" not in text
+        assert "Open the client" in text

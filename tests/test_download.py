@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from _media_server import MediaObject, MediaServer
+from _media_server import MediaObject, MediaServer, make_bytes
 from aiohttp.test_utils import TestServer
 
 from emo_async import _download
@@ -266,6 +266,36 @@ class TestResume:
             result = await dl.download(media.url("a.mp4"), tmp_path / "a.mp4")
         assert_clean(result, obj)
         assert len(media.requests) == 3
+
+    async def test_retry_after_is_honoured_and_capped(self, tmp_path: Path) -> None:
+        from aiohttp import web
+
+        body = make_bytes(10_000, seed=3)
+        arrivals: list[float] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            arrivals.append(time.monotonic())
+            if len(arrivals) == 1:
+                return web.Response(status=503, headers={"Retry-After": "0.3"})
+            if len(arrivals) == 2:
+                return web.Response(status=503, headers={"Retry-After": "3600"})
+            return web.Response(body=body, content_type="video/mp4")
+
+        app = web.Application()
+        app.router.add_get("/v.mp4", handler)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        policy = RetryPolicy(attempts=4, wait_initial=0.001, wait_max=0.01, retry_after_max=0.5)
+        try:
+            async with downloader(retry=policy) as dl:
+                with anyio.fail_after(10):
+                    result = await dl.download(str(server.make_url("/v.mp4")), tmp_path / "v.mp4")
+        finally:
+            await server.close()
+        assert result.path.read_bytes() == body
+        assert arrivals[1] - arrivals[0] >= 0.3
+        # An hour's Retry-After is waited only up to retry_after_max.
+        assert 0.5 <= arrivals[2] - arrivals[1] < 5.0
 
     async def test_retries_stop_without_progress(self, media: MediaServer, tmp_path: Path) -> None:
         media.add("a.mp4", SIZE, always_503=True)

@@ -162,6 +162,32 @@ class TestErrorMapping:
             with pytest.raises(emo_async.InvalidParameterError, match="hidden in a 200"):
                 await client.get_task("abc")
 
+    async def test_200_with_code_and_task_id_is_an_error_unless_billed(
+        self, scripted: Scripted
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {"code": "InternalError", "message": "m", "output": {"task_id": "abc"}}
+        )
+        async with make_client(scripted, retry=fast_retry(attempts=1)) as client:
+            with pytest.raises(emo_async.InternalServerError):
+                await client.get_task("abc")
+
+    @pytest.mark.parametrize("code", ["Success", "success", 0, "0", ""])
+    async def test_200_with_a_success_code_is_a_success(
+        self, scripted: Scripted, code: object
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {
+                "request_id": "r",
+                "code": code,
+                "output": {"task_id": "abc", "task_status": "RUNNING"},
+            }
+        )
+        async with make_client(scripted) as client:
+            task = await client.get_task("abc")
+        assert task.status == emo_async.TaskStatus.RUNNING
+        assert scripted.count("/tasks/abc") == 1
+
     async def test_non_json_error_body_becomes_server_error(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: web.Response(status=502, text="<html>bad gateway</html>")
         async with make_client(scripted, retry=fast_retry(attempts=2)) as client:
@@ -250,6 +276,34 @@ class TestRetries:
         assert KEY not in str(info.value)
 
 
+class TestBackoff:
+    """One formula for every wait: full jitter under an exponential ceiling capped at wait_max;
+    a Retry-After is a floor, capped at retry_after_max."""
+
+    def test_full_jitter_stays_under_the_exponential_ceiling(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, wait_exp_base=2.0)
+        for attempt, ceiling in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 3.0), (10, 3.0)]:
+            waits = [policy.backoff(attempt) for _ in range(400)]
+            assert all(0.0 <= w <= ceiling for w in waits)
+            assert max(waits) > 0.8 * ceiling  # spread over the whole range, not a constant
+            assert min(waits) < 0.2 * ceiling
+
+    def test_without_jitter_the_ceiling_itself(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, wait_jitter=False)
+        assert [policy.backoff(n) for n in range(4)] == [0.5, 1.0, 2.0, 3.0]
+        assert policy.backoff(100_000) == 3.0  # no overflow on a very late attempt
+        assert policy.backoff(-1) == 0.5
+
+    def test_retry_after_is_a_floor_capped_at_retry_after_max(self) -> None:
+        policy = RetryPolicy(wait_initial=0.5, wait_max=3.0, retry_after_max=10.0)
+        assert all(policy.backoff(0, retry_after=7.0) == 7.0 for _ in range(50))
+        assert policy.backoff(0, retry_after=3600.0) == 10.0
+        # A Retry-After shorter than the jittered wait does not shorten it.
+        fixed = RetryPolicy(wait_initial=2.0, wait_jitter=False)
+        assert fixed.backoff(0, retry_after=0.1) == 2.0
+        assert fixed.backoff(0, retry_after=-5.0) == 2.0
+
+
 class TestBilledSubmit:
     """A submit is resent only when provably nothing was created."""
 
@@ -278,6 +332,30 @@ class TestBilledSubmit:
             task = await self.submit(client)
         assert task.task_id == "T"
         assert seen == {"async": "enable", "oss": None}
+
+    @pytest.mark.parametrize("code", ["InternalError.Algo", "Success"])
+    async def test_200_with_code_and_task_id_is_a_created_task(
+        self, scripted: Scripted, code: str
+    ) -> None:
+        scripted.script = lambda r, n: web.json_response(
+            {
+                "request_id": "r",
+                "code": code,
+                "message": "m",
+                "output": {"task_id": "T-200", "task_status": "PENDING"},
+            }
+        )
+        async with make_client(scripted) as client:
+            task = await self.submit(client)
+        assert task.task_id == "T-200"
+        assert scripted.count("video-synthesis") == 1
+
+    async def test_200_with_code_and_no_task_id_stays_an_error(self, scripted: Scripted) -> None:
+        scripted.script = lambda r, n: err(200, "InvalidParameter", "hidden in a 200")
+        async with make_client(scripted) as client:
+            with pytest.raises(emo_async.InvalidParameterError, match="hidden in a 200"):
+                await self.submit(client)
+        assert scripted.count("video-synthesis") == 1
 
     async def test_500_on_submit_is_ambiguous_and_never_resent(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: err(500, "InternalError")
@@ -335,6 +413,55 @@ class TestBilledSubmit:
             )
             await client.detect("oss://d/i.png")
         assert seen == ["enable", "enable"]
+
+
+class TestDetectionCache:
+    """detect_cached: one request per (portrait, ratio) for concurrent callers; a failure is
+    not cached."""
+
+    @staticmethod
+    def detection(r: web.Request, n: int) -> web.Response:
+        return web.json_response(
+            {
+                "request_id": f"d{n}",
+                "output": {"check_pass": True, "face_bbox": [1, 2, 3, 4], "ext_bbox": [0, 0, 9, 9]},
+            }
+        )
+
+    async def test_concurrent_callers_share_one_request(self, scripted: Scripted) -> None:
+        import anyio
+
+        def script(r: web.Request, n: int) -> web.Response:
+            return self.detection(r, n)
+
+        scripted.script = script
+        results: list[emo_async.Detection] = []
+        async with make_client(scripted, limits=Limits(detect_qps=200)) as client:
+
+            async def one() -> None:
+                results.append(await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1"))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(10):
+                    tg.start_soon(one)
+            other = await client.detect_cached("http://127.0.0.1/i.png", "d1", "3:4")
+        assert scripted.count("face-detect") == 2
+        assert {d.request_id for d in results} == {"d1"}
+        assert other.ratio == "3:4"
+
+    async def test_a_failed_detection_is_not_cached(self, scripted: Scripted) -> None:
+        def script(r: web.Request, n: int) -> web.Response:
+            return err(400, "InvalidURL") if n == 1 else self.detection(r, n)
+
+        scripted.script = script
+        async with make_client(scripted, limits=Limits(detect_qps=200)) as client:
+            with pytest.raises(emo_async.InvalidURLError):
+                await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+            det = await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+            again = await client.detect_cached("http://127.0.0.1/i.png", "d1", "1:1")
+        assert det.check_pass
+        assert det is again
+        assert scripted.count("face-detect") == 2
 
 
 class TestClientSetup:
