@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from emo_async._samples import make_sample_set
+from emo_async import make_sample_set
 from emo_async.simulator import Simulator, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
@@ -563,6 +563,17 @@ class TestClosedStdout:
 
 class TestPublicAPIOnly:
     """The command line is built on the public API (plus the manifest reader it owns)."""
+
+    def test_heavy_imports_wait_for_their_command(self) -> None:
+        code = (
+            "import sys, emo_async._cli; "
+            "print(','.join(m for m in ('rich', 'PIL', 'av', 'emo_async.simulator') "
+            "if m in sys.modules))"
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert found == ""
 
     def test_cli_imports_only_public_names(self) -> None:
         import ast
