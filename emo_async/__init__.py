@@ -60,7 +60,7 @@ from ._exceptions import (
     UnresolvedSubmitError,
     UnsupportedOperationError,
 )
-from ._journal import Journal, JournalSummary, open_journal, read_summary
+from ._journal import JobPhase, Journal, JournalSummary, open_journal, read_summary
 from ._media import Estimate, ValidatedJob, estimate, validate_job
 from ._models import (
     Detection,
@@ -72,6 +72,7 @@ from ._models import (
     TaskListItem,
     TaskStatus,
 )
+from ._samples import make_sample_set
 from ._version import __version__
 
 __all__ = [
@@ -117,6 +118,7 @@ __all__ = [
     "JobCancelledError",
     "JobError",
     "JobFailedError",
+    "JobPhase",
     "Journal",
     "JournalCorruptError",
     "JournalError",
@@ -146,6 +148,7 @@ __all__ = [
     "ValidatedJob",
     "__version__",
     "estimate",
+    "make_sample_set",
     "open_journal",
     "read_summary",
     "url_deadline",

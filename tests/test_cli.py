@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from emo_async._samples import make_sample_set
+from emo_async import make_sample_set
 from emo_async.simulator import Simulator, SimulatorConfig
 
 pytestmark = pytest.mark.anyio
@@ -385,3 +385,219 @@ class TestDemo:
                 assert 1.5 <= container.duration / 1_000_000 <= 5.5
                 assert sum(1 for _ in container.decode(video=0)) > 10
         assert sizes <= {(512, 512), (512, 704)}
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes]) -> str:
+    """The single stderr line of a usage error (exit 2), checked to be just that."""
+    err = result.stderr.decode()
+    assert result.returncode == 2, text(result)
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+class TestUsageMistakes:
+    """Usage mistakes end with exit 2 and one line on stderr, before anything is written."""
+
+    @pytest.mark.parametrize("spelling", ["same", "dotted"])
+    async def test_report_naming_the_manifest_is_refused(
+        self, sim: Simulator, good_manifest: Path, tmp_path: Path, spelling: str
+    ) -> None:
+        before = await anyio.Path(good_manifest).read_bytes()
+        report = good_manifest if spelling == "same" else Path(".") / good_manifest.name
+        out = tmp_path / "out"
+        result = await cli(
+            "run", good_manifest, "--out", out, "--report", report, *connection(sim),
+            cwd=good_manifest.parent,
+        )  # fmt: skip
+        assert "--report" in one_line_error(result)
+        assert await anyio.Path(good_manifest).read_bytes() == before
+        assert not out.exists()
+        assert sim.ledger.requests == []
+
+    @pytest.mark.parametrize("command", ["run", "demo"])
+    async def test_out_naming_a_file_is_refused(
+        self, sim: Simulator, good_manifest: Path, tmp_path: Path, command: str
+    ) -> None:
+        a_file = tmp_path / "taken"
+        a_file.write_bytes(b"mine")
+        if command == "run":
+            result = await cli("run", good_manifest, "--out", a_file, *connection(sim))
+        else:
+            result = await cli("demo", "--jobs", "1", "--out", a_file)
+        assert f"--out {a_file}" in one_line_error(result)
+        assert a_file.read_bytes() == b"mine"
+        assert sim.ledger.requests == []
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            [],
+            ["run"],
+            ["run", "{m}", "--out", "{o}", "--max-tasks", "0"],
+            ["run", "{m}", "--out", "{o}", "--max-tasks", "many"],
+            ["run", "{m}", "--out", "{o}", "--submit-rate", "inf"],
+            ["run", "{m}", "--out", "{o}", "--report", "{o}.txt"],
+            ["validate", "{m}", "--no-such-option"],
+            ["detect", "x.png", "--ratio", "16:9"],
+        ],
+    )
+    async def test_usage_errors_are_one_line(
+        self, good_manifest: Path, tmp_path: Path, argv: list[str]
+    ) -> None:
+        args = [a.format(m=good_manifest, o=tmp_path / "o") for a in argv]
+        result = await cli(*args)
+        one_line_error(result)
+        assert not (tmp_path / "o").exists()
+
+    async def test_help_shows_the_defaults(self) -> None:
+        result = await cli("run", "--help")
+        assert result.returncode == 0, text(result)
+        shown = " ".join(result.stdout.decode().split())
+        assert "tasks open at once (default: 10)" in shown
+        assert "submits per second (default: the client's limit, 2 per second)" in shown
+
+
+class TestUnknownColumns:
+    """A manifest with many unknown columns gets a short warning, not every name."""
+
+    async def test_warning_names_a_few_and_counts_the_rest(self, media: Path) -> None:
+        extra = [f"column-{i}-" + "x" * 60 for i in range(3000)]
+        manifest = media / "wide.csv"
+        with manifest.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["image", "audio", *extra])
+            writer.writerow(["portrait-01.png", "clip-0001.wav", *[""] * len(extra)])
+        result = await cli("validate", manifest)
+        assert result.returncode == 0, text(result)
+        (warning,) = [
+            line for line in result.stderr.decode().splitlines() if "unknown column" in line
+        ]
+        assert len(warning) < 600, warning
+        assert "'column_0_" in warning
+        assert "and 2995 more" in warning
+        assert "column_2999" not in warning
+
+
+def closed_pipe() -> int:
+    """The write end of a pipe whose reader is already gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return write_end
+
+
+class TestClosedStdout:
+    """A command whose stdout reader went away (``| head``) ends quietly, with no traceback."""
+
+    @pytest.mark.parametrize(
+        ("argv", "code"),
+        [
+            (["validate", "{m}", "--json"], 141),
+            (["validate", "{m}"], 141),
+            # argparse drops what it cannot print and exits as it would have.
+            (["--help"], 0),
+            (["run", "--help"], 0),
+        ],
+    )
+    async def test_local_commands(self, good_manifest: Path, argv: list[str], code: int) -> None:
+        args = [a.format(m=good_manifest) for a in argv]
+        command = [sys.executable, "-m", "emo_async", *args]
+        write_end = closed_pipe()
+        try:
+            with anyio.fail_after(100):
+                result = await anyio.run_process(command, check=False, stdout=write_end, env=_env())
+        finally:
+            os.close(write_end)
+        err = result.stderr.decode()
+        assert "Traceback" not in err, err
+        assert "BrokenPipe" not in err, err
+        assert result.returncode == code, err
+
+    async def test_a_running_batch(
+        self, sim: Simulator, good_manifest: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "o"
+        command = [
+            sys.executable, "-m", "emo_async", "run", str(good_manifest), "--out", str(out),
+            "--json", *connection(sim),
+        ]  # fmt: skip
+        write_end = closed_pipe()
+        try:
+            with anyio.fail_after(100):
+                result = await anyio.run_process(command, check=False, stdout=write_end, env=_env())
+        finally:
+            os.close(write_end)
+        err = result.stderr.decode()
+        assert "Traceback" not in err, err
+        assert "BrokenPipe" not in err, err
+        assert result.returncode == 141, err
+        # The batch stopped at its first outcome; the journal lets the same command resume.
+        again = await cli("run", good_manifest, "--out", out, *connection(sim))
+        assert again.returncode == 0, text(again)
+        assert outputs(out) == ["first.mp4", "second.mp4", "third.mp4"]
+
+    async def test_head_reads_a_little_of_a_long_listing(self, media: Path, tmp_path: Path) -> None:
+        rows = [[f"missing-{i}.png", f"missing-{i}.wav", f"row-{i}"] for i in range(2000)]
+        manifest = write_manifest(media, rows, name="long.csv")
+        command = [sys.executable, "-m", "emo_async", "validate", str(manifest), "--json"]
+
+        def head_c_600() -> tuple[bytes, int, str]:
+            # What `emo-async validate --json | head -c 600` does: read 600 bytes, close the pipe.
+            with (tmp_path / "stderr").open("w+b") as err:
+                process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=_env())
+                assert process.stdout is not None
+                got = b""
+                while len(got) < 600:
+                    got += os.read(process.stdout.fileno(), 600 - len(got))
+                process.stdout.close()
+                code = process.wait(timeout=100)
+                err.seek(0)
+                return got, code, err.read().decode()
+
+        got, code, err = await anyio.to_thread.run_sync(head_c_600)
+        assert got.startswith(b'{"type": "problem"')
+        assert "Traceback" not in err, err
+        assert "BrokenPipe" not in err, err
+        assert code == 141, err
+
+
+class TestPublicAPIOnly:
+    """The command line is built on the public API (plus the manifest reader it owns)."""
+
+    def test_heavy_imports_wait_for_their_command(self) -> None:
+        code = (
+            "import sys, emo_async._cli; "
+            "print(','.join(m for m in ('rich', 'PIL', 'av', 'emo_async.simulator') "
+            "if m in sys.modules))"
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        assert found == ""
+
+    def test_cli_imports_only_public_names(self) -> None:
+        import ast
+
+        import emo_async
+
+        allowed_modules = {"emo_async.simulator", "emo_async.simulator.__main__"}
+        owned = {"emo_async._manifest"}  # the CLI's own manifest reader
+        package = Path(emo_async.__file__).parent / "_cli"
+        files = sorted(package.glob("*.py"))
+        assert len(files) > 3
+        for file in files:
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                where = f"{file.name}:{getattr(node, 'lineno', '?')}"
+                if isinstance(node, ast.Import):
+                    for alias in node.names:
+                        assert not alias.name.startswith("emo_async"), where
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        assert node.level == 1, where  # only the CLI's own modules
+                        continue
+                    module = node.module or ""
+                    if module == "emo_async":
+                        for alias in node.names:
+                            assert alias.name in emo_async.__all__, (where, alias.name)
+                    elif module.startswith("emo_async"):
+                        assert module in allowed_modules | owned, (where, module)

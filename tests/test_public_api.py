@@ -24,6 +24,12 @@ class TestPublicAPI:
                 assert obj.__module__ == "emo_async", name
                 assert obj.__doc__, name
 
+    def test_what_the_command_line_needs_is_public(self) -> None:
+        # The CLI is built on the public API only (tests/test_cli.py checks its imports).
+        for name in ("JobPhase", "make_sample_set", "open_journal", "validate_job", "Client"):
+            assert name in emo_async.__all__, name
+        assert emo_async.JobPhase("submitted") is emo_async.JobPhase.SUBMITTED
+
     def test_error_tree_has_one_root(self) -> None:
         for name in emo_async.__all__:
             obj = getattr(emo_async, name)

@@ -14,7 +14,7 @@ from typing import Any, Literal, TextIO
 import anyio
 from anyio.abc import TaskStatus
 
-from ._batch import BatchStats
+from emo_async import BatchStats
 
 __all__ = ["Counts", "Progress", "ProgressMode", "fmt_duration", "printable"]
 
