@@ -203,7 +203,8 @@ def timelines(draw: st.DrawFn):  # type: ignore[no-untyped-def]
     # The list: an index that lags (hides the newest), pages read down to some point, and
     # tasks still running.
     newest = max(created.values(), default=at(0) + offset)
-    hide_after = newest - dt.timedelta(seconds=draw(st.floats(0, 30))) if draw(st.booleans()) else None
+    lag = dt.timedelta(seconds=draw(st.floats(0, 30)))
+    hide_after = newest - lag if draw(st.booleans()) else None
     read_down_to = newest - dt.timedelta(seconds=draw(st.floats(0, 60)))
     reached_end = draw(st.booleans())
     visible = []

@@ -68,6 +68,22 @@ def file_digests(paths: set[Path]) -> list[str]:
     return [sha(p.read_bytes()) for p in paths]
 
 
+def check_settled(sim: Simulator, outcomes: list[emo_async.Outcome], out: Path) -> None:
+    """The billing rule's promises, checked at the simulator and on disk: no task twice, every
+    saved file the video of a task made from its own job's audio, every task we created either
+    in its job's file or kept in ``.unattributed/``, and every job done or unresolved."""
+    assert sim.ledger.duplicate_tasks() == {}
+    done = [o for o in outcomes if o.state == OutcomeState.DONE]
+    assert {o.state for o in outcomes} <= {OutcomeState.DONE, OutcomeState.UNRESOLVED}
+    check_done(sim, done)
+    for o in done:
+        assert o.task_id is not None
+        assert sim.ledger.task_inputs(o.task_id).audio_sha256 == sha(Path(o.job.audio).read_bytes())
+    kept = {p.stem for p in (out / ".unattributed").glob("*.mp4")}
+    mine = {t.task_id for t in sim.ledger.tasks_created} - sim.ledger.foreign_tasks
+    assert mine <= {o.task_id for o in done} | kept
+
+
 def check_done(sim: Simulator, outcomes: list[emo_async.Outcome]) -> None:
     for o in outcomes:
         assert o.state == OutcomeState.DONE, (o.job.display_name, o.error)
@@ -266,9 +282,10 @@ class TestFaults:
         async with Simulator(sim_config(faults=faults)) as sim:
             async with client_for(sim) as client:
                 outcomes = await client.run_batch_all(jobs, tmp_path / "out", max_tasks=10)
-            check_done(sim, outcomes)
-            assert sim.ledger.duplicate_tasks() == {}
-            assert len(sim.ledger.tasks_created) == 40
+            # Durations of 0.5-1.5 s and 40 % of answers lost: some lost tasks cannot be told
+            # apart by what they billed. Those jobs end unresolved, never resent or guessed.
+            check_settled(sim, outcomes, tmp_path / "out")
+            assert sum(o.state == OutcomeState.DONE for o in outcomes) >= 30
             assert any(r.fault for r in sim.ledger.requests if r.endpoint == "submit")
 
     async def test_many_lost_answers_and_errors_end_without_duplicates(
@@ -283,10 +300,8 @@ class TestFaults:
                 run = client.run_batch(jobs, tmp_path / "out", max_tasks=20)
                 async with run as outcomes:
                     got = [o async for o in outcomes]
-            check_done(sim, got)
-            assert sim.ledger.duplicate_tasks() == {}
-            assert len(sim.ledger.tasks_created) == 60
-            assert {o.task_id for o in got} == {t.task_id for t in sim.ledger.tasks_created}
+            check_settled(sim, got, tmp_path / "out")
+            assert sum(o.state == OutcomeState.DONE for o in got) >= 40
             lost = sum(1 for r in sim.ledger.requests if r.fault == "ambiguous")
             assert lost >= 10
 
@@ -294,9 +309,9 @@ class TestFaults:
         self, tmp_path: Path
     ) -> None:
         # Once the first submit has landed, every third answer is lost after its task was
-        # created, and the task list reads its time filter 8 hours off (a time-zone mix-up):
-        # it shows nothing. Our own earlier tasks are missing from it too, so its silence is
-        # not taken as proof: no lost submit is sent again.
+        # created, and the task list reads its time filter 8 hours off (a time-zone mix-up).
+        # No time filter is sent, so the zone cannot hide anything: each lost answer's task is
+        # found by the epochs of its witnesses and adopted; nothing is sent again.
         jobs = make_sample_set(tmp_path / "in", 12, portraits=1, seconds=(0.5, 1.0))
         blind = FaultConfig(seed=5, ambiguous_submit_rate=0.34, list_time_shift=8 * 3600)
         async with Simulator(sim_config()) as sim:
@@ -315,16 +330,15 @@ class TestFaults:
             assert lost >= 1
             assert sim.ledger.duplicate_tasks() == {}
             assert len(sim.ledger.tasks_created) == len(jobs)
-            failed = [o for o in outcomes if o.state == OutcomeState.FAILED]
-            assert len(failed) == lost
-            assert all(o.error and o.error.kind == "AmbiguousSubmitError" for o in failed)
+            check_settled(sim, outcomes, tmp_path / "out")
+            assert sum(o.state == OutcomeState.DONE for o in outcomes) >= len(jobs) - 2
 
     async def test_a_huge_retry_after_on_the_task_list_does_not_stall_the_batch(
         self, tmp_path: Path
     ) -> None:
         # Every answer to a submit is lost and the task list answers 429 "Retry-After: 3600":
-        # reconciling (which holds the submit lock) waits at most retry_after_max per try, so
-        # the batch ends, its lost submits failed with their intents kept, nothing resent.
+        # the list proves nothing, so the batch ends with its lost submits unresolved (kept
+        # for a later run to settle), nothing resent.
         jobs = make_sample_set(tmp_path / "in", 3, portraits=1, seconds=(0.5, 1.0))
         faults = FaultConfig(
             seed=2, ambiguous_submit_rate=1.0, throttle_rate={"task_list": 1.0}, retry_after=3600
@@ -334,7 +348,7 @@ class TestFaults:
             async with client_for(sim, retry=retry) as client:
                 with anyio.fail_after(60):
                     outcomes = await client.run_batch_all(jobs, tmp_path / "out", max_tasks=3)
-            assert [o.state for o in outcomes] == [OutcomeState.FAILED] * 3
+            assert [o.state for o in outcomes] == [OutcomeState.UNRESOLVED] * 3
             assert len(sim.ledger.tasks_created) == 3
             assert sim.ledger.duplicate_tasks() == {}
 

@@ -123,7 +123,10 @@ class Evidence:
         reached_end: The sweep read the list to its last page.
         settle: How long after we gave up a task may still be created by a POST we sent
             (requests queued in a proxy, a slow handler).
-        skew: Tolerance on the ordering of server timestamps.
+        skew: Tolerance on the ordering of server timestamps when proving absence (wide:
+            a wider window only makes a resend rarer).
+        slack: The same tolerance when bounding candidates (narrow: it tells the tasks of
+            two lost submits apart; the server stamps tasks in milliseconds from one clock).
         clock_margin: Used only for bounding adoption windows when no task of ours relates
             our clock to the server's.
     """
@@ -134,6 +137,7 @@ class Evidence:
     reached_end: bool
     settle: _dt.timedelta = _dt.timedelta(seconds=2)
     skew: _dt.timedelta = _dt.timedelta(seconds=1)
+    slack: _dt.timedelta = _dt.timedelta(milliseconds=50)
     clock_margin: _dt.timedelta = _dt.timedelta(seconds=30)
 
 
@@ -215,7 +219,7 @@ def _offset(ev: Evidence, seen: Mapping[str, ListedTask]) -> tuple[_dt.timedelta
     lo, hi = max(lows), min(highs)
     if lo > hi:  # the server's clocks disagree with each other: take the hull
         lo, hi = min(lows), max(highs)
-    return lo - ev.skew, hi + ev.skew
+    return lo - ev.slack, hi + ev.slack
 
 
 def _window(lost: LostSubmit, ev: Evidence, seen: Mapping[str, ListedTask]) -> _Window:
@@ -239,7 +243,9 @@ def _window(lost: LostSubmit, ev: Evidence, seen: Mapping[str, ListedTask]) -> _
         why = "no task of ours from before the submit is visible in the list"
     if after is None:
         why = why or "no later task of ours bounds the window yet"
-    if lo is not None and (ev.complete_after is None or ev.complete_after > lo):
+    if lo is not None and not (
+        ev.reached_end or (ev.complete_after is not None and ev.complete_after <= lo)
+    ):
         why = why or "the list was not read down to the window"
     if not why and lo is None and not ev.reached_end:
         why = "the list was not read to its end"
@@ -260,9 +266,11 @@ def _window(lost: LostSubmit, ev: Evidence, seen: Mapping[str, ListedTask]) -> _
     # candidates (it tells two lost submits' tasks apart), never used to prove absence.
     clock_lo = lost.sent_at + off_lo
     clock_hi = lost.failed_at + ev.settle + off_hi
+    near_lo = before.created_at - ev.slack if before and before.created_at else None
+    near_hi = after.created_at + ev.slack if after and after.created_at else None
     return _Window(
-        lo=clock_lo if lo is None else max(lo, clock_lo),
-        hi=clock_hi if hi is None else min(hi, clock_hi),
+        lo=clock_lo if near_lo is None else max(near_lo, clock_lo),
+        hi=clock_hi if near_hi is None else min(near_hi, clock_hi),
         proof_lo=lo,
         proof_hi=hi,
         covered=not why,
@@ -289,15 +297,34 @@ def to_query(lost: Iterable[LostSubmit], ev: Evidence) -> set[str]:
             if t.task_id not in ev.own
             and t.status == "SUCCEEDED"
             and t.video_duration is None
-            and window.holds(t.created_at)
+            and (window.holds(t.created_at) or window.proof_holds(t.created_at))
         )
     return wanted
 
 
 def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
     """Decide every lost submit of one reconciling round together (they may compete for the
-    same candidate)."""
-    losts = list(lost)
+    same candidate). A task adopted by one is, from then on, ours for the others: it may be
+    what stood between them and a decision, so they are decided again."""
+    pending = list(lost)
+    decided: dict[str, Decision] = {}
+    while True:
+        got = _decide_once(pending, ev)
+        adopted = {k: d for k, d in got.items() if d.verdict == Verdict.ADOPT}
+        if not adopted:
+            decided.update(got)
+            return decided
+        decided.update(adopted)
+        own = dict(ev.own)
+        for ls in pending:
+            d = adopted.get(ls.key)
+            if d is not None and d.task_id is not None:
+                own[d.task_id] = OwnTask(d.task_id, sent_at=ls.sent_at)
+        pending = [ls for ls in pending if ls.key not in adopted]
+        ev = attrs.evolve(ev, own=own)
+
+
+def _decide_once(losts: list[LostSubmit], ev: Evidence) -> dict[str, Decision]:
     seen = {t.task_id: t for t in ev.listed if t.task_id}
     strangers = [t for t in seen.values() if t.task_id not in ev.own]
     windows = {ls.key: _window(ls, ev, seen) for ls in losts}
@@ -337,9 +364,10 @@ def _verdict(
 ) -> Decision:
     """``inside``: strangers in the proof window; ``near``: those that may be this submit's
     task; ``matches``: those of ``near`` billed for this job's audio."""
-    running = [t for t in near if not t.finished]
+    running = [t for t in (*near, *inside) if not t.finished]
     if running:
-        # Any of them may be ours; their billed duration tells once they finish.
+        # Any may be ours, or another lost submit's (which would explain it): their billed
+        # durations tell once they finish.
         return Decision(Verdict.WAIT, f"{len(running)} task(s) in the window still running")
     if not window.covered and not lost.patience_over:
         # A later task of ours may yet bound the window, and show whether more is in it.

@@ -100,6 +100,7 @@ class _Pending:
     since: float
     done: anyio.Event = attrs.Factory(anyio.Event)
     decision: Decision | None = None
+    witnessed: bool = False
 
 
 class Reconciler:
@@ -157,6 +158,18 @@ class Reconciler:
             self._pending.pop(lost.key, None)
         assert entry.decision is not None
         return entry.decision
+
+    def witness_due(self) -> _dt.datetime | None:
+        """The earliest time a submit of ours can witness every pending lost answer's window
+        (sent after its failure plus the settling delay), while one is still wanted."""
+        due = [e.lost.failed_at + self._settle for e in self._pending.values() if not e.witnessed]
+        return max(due) if due else None
+
+    def note_sent(self, sent_at: _dt.datetime) -> None:
+        """A submit of ours went out: it bounds the windows of lost answers settled before."""
+        for entry in self._pending.values():
+            if sent_at >= entry.lost.failed_at + self._settle:
+                entry.witnessed = True
 
     def finished_task(self, task_id: str) -> Task | None:
         """A candidate's final snapshot, when a round queried it."""

@@ -159,7 +159,13 @@ class Submitter:
         async with self._inflight:
             if self._rate is not None:
                 await self._rate.acquire()
+            due = self._reconciler.witness_due()
+            if due is not None and (wait := (due - _now()).total_seconds()) > 0:
+                # A lost answer needs a later submit of ours to bound its window in the task
+                # list: this one goes out just late enough to be that witness.
+                await anyio.sleep(wait)
             sent_at = _now()
+            self._reconciler.note_sent(sent_at)
             if self._journal is not None:
                 # Write-ahead: the intent is durable before any money can be spent.
                 await self._journal.record_intent(item.key, at=sent_at)
