@@ -51,7 +51,7 @@ from ._models import (
     TaskPage,
     TaskStatus,
 )
-from ._owned import OwnedTasks
+from ._owned import OwnedTasks, account_registry
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
 from ._singleflight import SingleFlight
@@ -238,6 +238,9 @@ class Client(AsyncContextManagerMixin):
                 sock_read=self.download_timeouts.read,
             ),
         )
+        # While open, this client shares one registry of created tasks with every other open
+        # client of this process on the same account and key.
+        self.owned = account_registry.acquire(self.base_url, self.__key, self.owned)
         try:
             self._http = HttpCore(
                 api_session,
@@ -284,6 +287,7 @@ class Client(AsyncContextManagerMixin):
                 raise single from None
         finally:
             self._state = "closed"
+            account_registry.release(self.base_url, self.__key)
             await billed_session.close()
             await api_session.close()
             await ext_session.close()
@@ -473,8 +477,9 @@ class Client(AsyncContextManagerMixin):
         return TaskPage(
             items=items,
             page_no=page_no,
-            page_size=page_size,
+            page_size=_as_int(body.get("page_size")) or page_size,
             total_page=_as_int(body.get("total_page")),
+            total=_as_int(body.get("total")),
         )
 
     async def list_tasks(

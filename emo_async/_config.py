@@ -112,20 +112,23 @@ class RetryPolicy:
     budget_tokens: float | None = attrs.field(default=20.0, validator=_opt_pos)
     budget_refill: float = attrs.field(default=0.2, validator=_nonneg)
 
-    def backoff(self, attempt: int, *, retry_after: float | None = None) -> float:
+    def backoff(
+        self, attempt: int, *, retry_after: float | None = None, floor: float = 0.0
+    ) -> float:
         """The wait, in seconds, before retry number ``attempt`` (0 before the first retry).
 
-        Full jitter: uniform in ``[0, min(wait_max, wait_initial * wait_exp_base**attempt)]``,
-        or that ceiling itself when ``wait_jitter`` is off. A ``Retry-After`` (seconds) is a
-        floor: the wait is at least ``min(retry_after, retry_after_max)``. Whether a
-        ``Retry-After`` beyond ``retry_after_max`` is waited for (capped) or the error is
-        raised instead is the caller's decision.
+        Full jitter: uniform in ``[floor * c, c]`` with ``c = min(wait_max, wait_initial *
+        wait_exp_base**attempt)`` (``floor`` 0 by default; 0.5 gives "equal jitter", for
+        callers that must not retry at once), or ``c`` itself when ``wait_jitter`` is off. A
+        ``Retry-After`` (seconds) is a minimum: the wait is at least ``min(retry_after,
+        retry_after_max)``. Whether a ``Retry-After`` beyond ``retry_after_max`` is waited for
+        (capped) or the error is raised instead is the caller's decision.
         """
         try:
             ceiling = min(self.wait_max, self.wait_initial * self.wait_exp_base ** max(0, attempt))
         except OverflowError:  # a very late attempt: the ceiling is wait_max
             ceiling = self.wait_max
-        wait = random.uniform(0.0, ceiling) if self.wait_jitter else ceiling
+        wait = random.uniform(floor * ceiling, ceiling) if self.wait_jitter else ceiling
         if retry_after is not None:
             wait = max(wait, min(max(0.0, retry_after), self.retry_after_max))
         return wait

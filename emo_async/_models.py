@@ -434,20 +434,34 @@ class TaskPage:
     Attributes:
         items: Its rows.
         page_no: The page asked for.
-        page_size: The page size asked for.
+        page_size: The page size in force: the server's echo when it sent one (a server may
+            cap what was asked for), else the size asked for.
         total_page: The server's page count, when it sent one.
+        total: The server's count of matching tasks, when it sent one.
     """
 
     items: tuple[TaskListItem, ...]
     page_no: int
     page_size: int
     total_page: int | None = None
+    total: int | None = None
 
     @property
     def is_last(self) -> bool:
-        """No page after this one: it is empty, the last by ``total_page``, or short."""
+        """No page after this one: it is empty, the last by ``total_page``, or short.
+
+        A short page is only a hint (a server may cap the page size without saying so): use
+        :attr:`proves_end` where the end of the list must be proven.
+        """
         if not self.items:
             return True
         if self.total_page is not None:
             return self.page_no >= self.total_page
         return len(self.items) < self.page_size
+
+    @property
+    def proves_end(self) -> bool:
+        """The server itself says nothing follows: an empty page, or ``total_page`` reached."""
+        if not self.items:
+            return True
+        return self.total_page is not None and self.page_no >= self.total_page

@@ -10,10 +10,11 @@ instead of paying a second time.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 
 import attrs
 
-__all__ = ["OwnTask", "OwnedTasks"]
+__all__ = ["OwnTask", "OwnedTasks", "account_registry"]
 
 
 @attrs.frozen
@@ -37,6 +38,7 @@ class OwnedTasks:
     def __init__(self) -> None:
         self._tasks: dict[str, OwnTask] = {}
         self._by_job: dict[str, str] = {}
+        self._lost: dict[str, tuple[_dt.datetime, _dt.datetime]] = {}
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -56,6 +58,13 @@ class OwnedTasks:
             return  # the first answer's times are the true ones
         self._tasks[task_id] = OwnTask(task_id, sent_at=sent_at, answered_at=answered_at)
 
+    def merge(self, other: OwnedTasks) -> None:
+        """Take in another registry's tasks and bindings."""
+        for task in other._tasks.values():
+            self.add(task.task_id, sent_at=task.sent_at, answered_at=task.answered_at)
+        self._by_job.update(other._by_job)
+        self._lost.update(other._lost)
+
     def snapshot(self) -> dict[str, OwnTask]:
         return dict(self._tasks)
 
@@ -68,3 +77,47 @@ class OwnedTasks:
 
     def unbind(self, job_key: str) -> None:
         self._by_job.pop(job_key, None)
+
+    def note_lost(self, job_key: str, sent_at: _dt.datetime, failed_at: _dt.datetime) -> None:
+        """A submit of this job lost its answer and is not settled yet (for journal-less runs:
+        a caller cancelled while it was being settled must not send it again blindly)."""
+        self._lost[job_key] = (sent_at, failed_at)
+
+    def lost_of(self, job_key: str) -> tuple[_dt.datetime, _dt.datetime] | None:
+        return self._lost.get(job_key)
+
+    def settled(self, job_key: str) -> None:
+        self._lost.pop(job_key, None)
+
+
+class _Accounts:
+    """One registry of created tasks per account and key, shared by the clients of this
+    process that are open on it at the same time: a task one of them created is never a
+    stranger to another (which could otherwise adopt it after a lost answer of its own). It
+    lives while one of them is open. Keyed by a digest of the key, never the key itself."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[OwnedTasks, int]] = {}
+
+    @staticmethod
+    def _id(base_url: str, api_key: str) -> str:
+        return hashlib.sha256(f"{base_url}\0{api_key}".encode()).hexdigest()
+
+    def acquire(self, base_url: str, api_key: str, mine: OwnedTasks) -> OwnedTasks:
+        ident = self._id(base_url, api_key)
+        shared, users = self._open.get(ident, (mine, 0))
+        if shared is not mine:
+            shared.merge(mine)
+        self._open[ident] = (shared, users + 1)
+        return shared
+
+    def release(self, base_url: str, api_key: str) -> None:
+        ident = self._id(base_url, api_key)
+        shared, users = self._open.get(ident, (None, 0))
+        if users <= 1:
+            self._open.pop(ident, None)
+        elif shared is not None:
+            self._open[ident] = (shared, users - 1)
+
+
+account_registry = _Accounts()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from .._config import RESULT_URL_VALIDITY
 from .._exceptions import EmoError, JobCancelledError, JobFailedError, ResultExpiredError
 from .._models import OutcomeState, Task, TaskStatus
 from ._job import EventKind, InFlight, Reporter
@@ -28,7 +29,6 @@ logger = logging.getLogger("emo_async.batch")
 
 #: Where videos that may be a job's, but cannot be attributed, are kept (inside ``out_dir``).
 UNATTRIBUTED_DIR = ".unattributed"
-_DEFAULT_URL_LIFETIME = _dt.timedelta(hours=24)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -41,7 +41,7 @@ def url_deadline_of(task: Task) -> _dt.datetime | None:
         if found is not None:
             return found
     if task.end_time is not None:
-        return task.end_time + _DEFAULT_URL_LIFETIME
+        return task.end_time + RESULT_URL_VALIDITY
     return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -249,12 +248,10 @@ def is_transient(exc: BaseException, retry_after_max: float) -> bool:
 
 
 async def pause_after(item: InFlight, exc: BaseException, attempt: int, retry: RetryPolicy) -> None:
-    """Wait before a batch-level retry: longer than the request path's own backoff (by now its
-    budget is spent, which means the service is struggling), Retry-After honoured but capped
-    (a list answering "Retry-After: 3600" must not hold a job for an hour)."""
-    wait = retry.wait_max * random.uniform(0.5, 1.0) * min(1.0, 0.25 * 2**attempt)
-    retry_after = getattr(exc, "retry_after", None)
-    if retry_after:
-        wait = max(wait, min(retry_after, retry.retry_after_max))
+    """Wait before a batch-level retry: the request path's backoff, a few steps further on (by
+    now its retries and budget are spent: the service is struggling), with Retry-After
+    honoured up to ``retry_after_max`` (a list answering "Retry-After: 3600" must not hold a
+    job for an hour)."""
+    wait = retry.backoff(attempt + 3, retry_after=getattr(exc, "retry_after", None), floor=0.5)
     logger.info("%s: %s; trying again in %.2fs", item.name, type(exc).__name__, wait)
     await anyio.sleep(wait)

@@ -44,6 +44,15 @@ async def run_one(client: Client, job: Job, dest: Path) -> Outcome:
     slots = anyio.CapacityLimiter(1)
     item = InFlight(job, dest=dest)
     async with send, recv:
+        # Before any money: refusals come out as they are (InputError, DetectionRejectedError).
+        contents = await stager.validate(item)
+        try:
+            await stager.stage(item, contents)
+        except (InputError, DetectionRejectedError):
+            raise
+        except EmoError as exc:
+            await report.emit(item, OutcomeState.FAILED, exc=exc)
+            return recv.receive_nowait()
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(reconciler.run)
@@ -53,18 +62,10 @@ async def run_one(client: Client, job: Job, dest: Path) -> Outcome:
                         tg.start_soon(finisher.keep, task)
 
                 submitter = Submitter(client, None, report, reconciler, policy, slots, keep)
-                contents = await stager.validate(item)
-                try:
-                    await stager.stage(item, contents)
-                except (InputError, DetectionRejectedError):
-                    raise
-                except EmoError as exc:
-                    await report.emit(item, OutcomeState.FAILED, exc=exc)
-                else:
-                    await slots.acquire_on_behalf_of(item)
-                    submitter.reserve()
-                    if await submitter.submit(item):
-                        await finisher.track(item, lambda: slots.release_on_behalf_of(item))
+                await slots.acquire_on_behalf_of(item)
+                submitter.reserve()
+                if await submitter.submit(item):
+                    await finisher.track(item, lambda: slots.release_on_behalf_of(item))
                 tg.cancel_scope.cancel()
         except BaseException as exc:
             if item.task_id is not None and isinstance(

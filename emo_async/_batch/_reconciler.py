@@ -87,7 +87,7 @@ async def sweep_task_list(
                 if mine.answered_at <= sent:
                     bounds[key] = item.created_at - skew
                     del need[key]
-        if page.is_last:
+        if page.proves_end or (page.total is not None and len(items) >= page.total):
             return Sweep(tuple(items.values()), oldest if ordered else None, True)
         if ordered and not need and oldest is not None and oldest < min(bounds.values()):
             break
@@ -198,13 +198,13 @@ class Reconciler:
             )
             for e in entries
         ]
-        own = {**self._known(), **self._client.owned.snapshot()}
+        before = {**self._known(), **self._client.owned.snapshot()}
         skew = _dt.timedelta(seconds=1)
         try:
             found = await sweep_task_list(
                 self._client,
                 losts,
-                own,
+                before,
                 page_size=self._page_size,
                 max_pages=self._max_pages,
                 skew=skew,
@@ -213,6 +213,9 @@ class Reconciler:
             # Nothing read proves nothing: every lost submit waits, or ends unresolved.
             logger.warning("reconciling %d lost submit(s): task list failed: %s", len(losts), exc)
             found = Sweep((), None, False)
+        # Tasks answered while the list was read are ours too: taken after it, they are never
+        # mistaken for strangers.
+        own = {**self._known(), **self._client.owned.snapshot()}
         ev = self._evidence(found, own, skew)
         for task_id in sorted(to_query(losts, ev)):
             try:

@@ -23,6 +23,7 @@ from ._attribution import Verdict
 from ._job import EventKind, InFlight, Reporter
 
 if TYPE_CHECKING:
+    from .._config import RetryPolicy, Timeouts
     from .._journal import JobRecord, Journal
     from ._finisher import Finisher
     from ._policy import BatchPolicy
@@ -56,6 +57,9 @@ class Resumer:
         slots: anyio.CapacityLimiter,
         dest_for: Callable[[InFlight], Path],
         track: Callable[[InFlight], Coroutine[Any, Any, None]],
+        *,
+        retry: RetryPolicy,
+        timeouts: Timeouts,
     ) -> None:
         self._journal = journal
         self._report = reporter
@@ -67,6 +71,8 @@ class Resumer:
         self._dest_for = dest_for
         self._track = track
         self._started = _dt.datetime.now(_dt.UTC)
+        self._retry = retry
+        self._timeouts = timeouts
         #: Keys picked up from the journal at start (the feed skips them).
         self.resumed: set[str] = set()
 
@@ -160,11 +166,21 @@ class Resumer:
             logger.warning("%s: cannot read its inputs again: %s", item.name, exc)
         sent = rec.intent_at or rec.updated_at
         await self._slots.acquire_on_behalf_of(item)
-        verdict = await self._submitter.settle(item, sent, self._started)
+        verdict = await self._submitter.settle(item, sent, self._gave_up(sent))
         if verdict == Verdict.ADOPT:
             await self._track(item)
         elif verdict == Verdict.RESEND:
             await self._resend(item)
+
+    def _gave_up(self, sent: _dt.datetime) -> _dt.datetime:
+        """The latest moment the dead process can have been waiting for that POST's answer:
+        its request path gives up after ``retry.timeout`` plus one request's ``total``
+        timeout (else: when this run started). A narrower window leaves fewer strangers."""
+        retry, timeouts = self._retry, self._timeouts
+        if retry.timeout is None or timeouts.total is None:
+            return self._started
+        bound = sent + _dt.timedelta(seconds=retry.timeout + timeouts.total)
+        return min(self._started, bound)
 
     async def _resend(self, item: InFlight) -> None:
         """Provably never created: stage and submit afresh (the slot is held)."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .._config import JOURNAL_FILE_NAME
 from .._exceptions import DetectionRejectedError, EmoError, InputError, Problem
 from .._models import Job, Outcome, OutcomeState, Task
 from .._owned import OwnTask
@@ -43,7 +44,7 @@ __all__ = ["JOURNAL_NAME", "BatchRun", "make_reconciler"]
 
 logger = logging.getLogger("emo_async.batch")
 
-JOURNAL_NAME = ".emo-journal.sqlite3"
+JOURNAL_NAME = JOURNAL_FILE_NAME
 #: The journal's commit_delay during a batch (see Journal.commit_delay): in a busy batch another
 #: job writes within it, and one fsync less per job is worth more than 0.1 s on a download.
 _COMMIT_DELAY = 0.1
@@ -305,6 +306,8 @@ class BatchRun:
                             self._slots,
                             self._dest_for,
                             lambda item: self._track(finisher, item),
+                            retry=client.retry,
+                            timeouts=client.timeouts,
                         )
                         records = await resumer.load()
                         self._handled.update(resumer.resumed)

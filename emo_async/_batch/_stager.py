@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._config import DETECT_MODEL, EMO_MODEL
+from .._config import DETECT_MODEL, EMO_MODEL, UPLOAD_VALIDITY
 from .._exceptions import DetectionRejectedError, EmoError, InputError
 from ._job import TRANSIENT_TRIES, EventKind, InFlight, Reporter, is_transient, pause_after
 
@@ -25,7 +25,6 @@ logger = logging.getLogger("emo_async.batch")
 
 #: Local inputs up to this size are kept in memory from validation to upload (one read, not two).
 KEEP_BYTES = 1 << 20
-_UPLOAD_LIFETIME = _dt.timedelta(hours=48)
 
 
 class Stager:
@@ -121,6 +120,6 @@ class Stager:
                 prepared.digest,
                 model,
                 url,
-                expires_at=_dt.datetime.now(_dt.UTC) + _UPLOAD_LIFETIME,
+                expires_at=_dt.datetime.now(_dt.UTC) + UPLOAD_VALIDITY,
             )
         return url

@@ -86,13 +86,24 @@ class Submitter:
             assert item.audio_url
             assert item.face_bbox
             assert item.ext_bbox
-            earlier = self._service.owned.task_of(item.key) if self._journal is None else None
-            if earlier is not None:
-                # No journal, but this client already created this job's task (an earlier call
-                # was cancelled after the POST): follow that task rather than pay again.
-                logger.info("%s: following its earlier task %s", item.name, earlier)
-                item.task_id = earlier
-                return earlier
+            owned = self._service.owned
+            if self._journal is None:
+                earlier = owned.task_of(item.key)
+                if earlier is not None:
+                    # No journal, but this client already created this job's task (an earlier
+                    # call was cancelled after the POST): follow it rather than pay again.
+                    logger.info("%s: following its earlier task %s", item.name, earlier)
+                    item.task_id = earlier
+                    return earlier
+                lost = owned.lost_of(item.key)
+                if lost is not None:
+                    # An earlier call was cancelled while its lost answer was being settled:
+                    # settle that one first.
+                    verdict = await self.settle(item, *lost)
+                    if verdict == Verdict.ADOPT:
+                        return item.task_id
+                    if verdict != Verdict.RESEND:
+                        return None
             return await self._submit(item)
         finally:
             self.active -= 1
@@ -219,6 +230,9 @@ class Submitter:
             await self._clear_intent(item)
             return Verdict.RESEND
         self._slots.release_on_behalf_of(item)
+        owned = self._service.owned
+        if self._journal is None:
+            owned.note_lost(item.key, sent_at, failed_at)
         if policy == ReconcilePolicy.FAIL:
             decision = Decision(Verdict.UNRESOLVED, "reconcile='fail': the task list was not read")
         else:
@@ -238,6 +252,10 @@ class Submitter:
                 self._report.reconciling -= 1
         if decision.verdict == Verdict.ADOPT:
             assert decision.task_id is not None
+            # Bound before the next checkpoint: a cancellation from here on still leaves the
+            # job following its task.
+            owned.bind(item.key, decision.task_id)
+            owned.settled(item.key)
             await self._slots.acquire_on_behalf_of(item)
             logger.info("%s: adopted task %s (%s)", item.name, decision.task_id, decision.reason)
             self._service.owned.add(decision.task_id, sent_at=sent_at)
@@ -245,10 +263,12 @@ class Submitter:
             return Verdict.ADOPT
         if decision.verdict == Verdict.RESEND:
             logger.info("%s: sending again: %s", item.name, decision.reason)
+            owned.settled(item.key)
             await self._clear_intent(item)
             await self._slots.acquire_on_behalf_of(item)
             return Verdict.RESEND
         await self._unresolved(item, decision)
+        owned.settled(item.key)
         return Verdict.UNRESOLVED
 
     async def _unresolved(self, item: InFlight, decision: Decision) -> None:
