@@ -82,6 +82,8 @@ class TestUnresolvedRun:
         assert row["error_kind"] == "UnresolvedSubmitError"
         assert "no candidate task seen" in row["error_message"]
         assert "  unresolved 1" in stdout
+        [progress] = [line for line in stdout.splitlines() if "1/1 finished" in line][-1:]
+        assert " · unresolved 1 · " in progress
         last = stdout.strip().splitlines()[-1]
         assert last.startswith("unresolved (1): may have been billed, not sent again")
         assert f"emo-async status {out}" in last
@@ -210,3 +212,16 @@ class TestRebillExpired:
             assert paid.returncode == 0, text(paid)
             assert submits(sim) == 2
             assert outputs(out) == ["first.mp4"]
+
+
+class TestSubmitConcurrency:
+    async def test_zero_is_refused_and_more_runs(
+        self, sim: Simulator, manifest: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "out"
+        bad = await cli("run", manifest, "--out", out, "--submit-concurrency", "0")
+        assert bad.returncode == 2, text(bad)
+        assert "--submit-concurrency: must be >= 1" in bad.stderr.decode()
+        ok = await cli("run", manifest, "--out", out, "--submit-concurrency", "3", *connection(sim))
+        assert ok.returncode == 0, text(ok)
+        assert outputs(out) == ["first.mp4"]
