@@ -1,14 +1,16 @@
-"""``emo-async``: the command line (run, validate, detect, status, cancel, simulator, demo).
+"""``emo-async``: the command line (run, validate, detect, status, resolve, cancel, simulator,
+demo).
 
 An argparse front end over the public API of ``emo_async`` (and ``emo_async.simulator``); the
 only caller of ``anyio.run``. It also owns the manifest reader (``emo_async._manifest``), as
-the command line owns manifests. Exit codes: 0 all done, 1 some job failed (or a row is bad),
-2 bad usage or an unreadable manifest, 130 on Ctrl-C (the batch stops cleanly; the same
-command resumes it from the journal), 141 when stdout's reader went away (``| head``).
+the command line owns manifests. Exit codes: 0 all done, 1 some job failed or is unresolved
+(or a row is bad), 2 bad usage or an unreadable manifest, 130 on Ctrl-C (the batch stops
+cleanly; the same command resumes it from the journal), 141 when stdout's reader went away
+(``| head``).
 
 Modules: ``_parser`` (options), ``_output`` (exit codes, where text goes), ``_validate``
 (manifests, ``validate``), ``_report`` (outcomes, report file, summary), ``_run``, ``_tasks``
-(``detect``, ``status``, ``cancel``), ``_demo``, ``_progress`` (the live display).
+(``detect``, ``status``, ``cancel``), ``_resolve``, ``_demo``, ``_progress`` (the live display).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ._output import (
     silence_stdout,
 )
 from ._parser import build_parser
+from ._resolve import cmd_resolve
 from ._run import cmd_run
 from ._tasks import cmd_cancel, cmd_detect, cmd_status
 from ._validate import cmd_validate
@@ -46,6 +49,7 @@ _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Awaitable[int]]]] = {
     "validate": cmd_validate,
     "detect": cmd_detect,
     "status": cmd_status,
+    "resolve": cmd_resolve,
     "cancel": cmd_cancel,
     "demo": cmd_demo,
 }

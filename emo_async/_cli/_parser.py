@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="task status queries per second (default: %(default)s)",
     )
     run.add_argument(
+        "--submit-concurrency",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="billed submits (POSTs) in flight at once (default: %(default)s)",
+    )
+    run.add_argument(
         "--download-concurrency", type=_positive_int, help="downloads at once (default: 4)"
     )
     run.add_argument(
@@ -120,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconcile",
         choices=("reconcile", "resubmit", "fail"),
         default="reconcile",
-        help="a submit whose answer was lost: find its task in the task list (default),"
-        " send it again (may bill twice), or fail the job",
+        help="a submit whose answer was lost: settle it by the task list (default: adopt its"
+        " task, or send it again only when none was created), send it again at once (may"
+        " bill twice), or leave it unresolved",
+    )
+    run.add_argument(
+        "--rebill-expired",
+        action="store_true",
+        help="pay again for videos that expired before they were saved (by default such a"
+        " job is reported expired, not submitted again)",
     )
     run.add_argument(
         "--dry-run", action="store_true", help="validate and estimate only; no API request"
@@ -155,6 +169,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("journal", type=Path, help="the journal, or the folder holding it")
     _add_output(status)
+
+    resolve = sub.add_parser(
+        "resolve",
+        help="settle an unresolved job by hand: its task is TASK_ID, or TASK_ID is nobody's",
+        description="An unresolved job's submit answer was lost and nothing proved which task,"
+        " if any, it created; it is never sent again on its own. `emo-async status` lists"
+        " such jobs with their candidate tasks. --task TASK_ID makes TASK_ID the job's task"
+        " (the next `emo-async run` follows it and downloads its video); --release TASK_ID"
+        " drops TASK_ID from every job's candidates. Stop the batch first. A task that is no"
+        " job's candidate is checked with the API before it is assigned.",
+    )
+    resolve.add_argument("journal", type=Path, help="the journal, or the folder holding it")
+    resolve.add_argument(
+        "job",
+        nargs="?",
+        help="the job's name or key (a key prefix of 8+ characters will do); with --release,"
+        " optional",
+    )
+    action = resolve.add_mutually_exclusive_group(required=True)
+    action.add_argument("--task", metavar="TASK_ID", help="the task that is the job's")
+    action.add_argument(
+        "--release", metavar="TASK_ID", help="the task that is none of the jobs' (a candidate)"
+    )
+    _add_connection(resolve)
+    _add_output(resolve)
 
     cancel = sub.add_parser(
         "cancel",

@@ -86,8 +86,17 @@ class Counts:
                 f"done {st.done}" + (f" ({st.skipped} earlier)" if st.skipped else ""),
                 f"failed {st.failed + st.expired + st.cancelled}",
                 f"rejected {self.rejected}",
+            ]
+            # Rare states are shown only once they happen: the line stays short otherwise.
+            if st.unresolved:
+                parts.append(f"unresolved {st.unresolved}")
+            parts += [
                 f"preparing {st.preparing}",
                 f"submitting {st.submitting}",
+            ]
+            if st.reconciling:
+                parts.append(f"reconciling {st.reconciling}")
+            parts += [
                 f"running {st.running}",
                 f"downloading {st.downloading}",
                 f"429s {st.throttled}",
@@ -179,6 +188,8 @@ class Progress:
             ("  downloading ", "dim"),
             str(st.downloading),
         )
+        if st.reconciling:
+            stages.append_text(Text.assemble(("  reconciling ", "dim"), str(st.reconciling)))
         outcomes = Text.assemble(
             ("done ", "green"),
             str(st.done) + (f" ({st.skipped} earlier)" if st.skipped else ""),
@@ -186,6 +197,7 @@ class Progress:
             str(st.failed + st.expired + st.cancelled),
             ("  rejected ", "yellow"),
             str(c.rejected),
+            *((("  unresolved ", "magenta"), str(st.unresolved)) if st.unresolved else ()),
             ("  429s ", "dim"),
             str(st.throttled),
             ("  billed ", "dim"),

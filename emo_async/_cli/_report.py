@@ -19,13 +19,14 @@ from emo_async import (
     Outcome,
     OutcomeState,
     Problem,
+    UnresolvedSubmitError,
 )
 from emo_async._manifest import ManifestRow
 
 from ._output import Output, UsageError, err_fields, fmt_seconds
 from ._progress import Counts, Progress, fmt_duration, printable
 
-__all__ = ["REPORT_FIELDS", "Report", "Sink", "summary"]
+__all__ = ["REPORT_FIELDS", "Report", "Sink", "advice", "summary"]
 
 REPORT_FIELDS: Final = (
     "row",
@@ -114,6 +115,8 @@ class Sink:
         self.failures: list[tuple[int | None, str, str]] = []
         self.failure_count = 0
         self.auth_error: str | None = None
+        #: (row, name, candidate task ids) of every unresolved job, for the closing advice.
+        self.unresolved: list[tuple[int | None, str, tuple[str, ...]]] = []
         # id(job) -> (job, row): the job is kept so its id cannot be reused meanwhile.
         self._rows: dict[int, tuple[Job, int]] = {}
 
@@ -169,19 +172,25 @@ class Sink:
             self.billed += outcome.billed_seconds
         name = printable(outcome.job.display_name)
         where = f"row {row} ({name})" if row is not None else name
+        error = outcome.error
+        if outcome.state == OutcomeState.UNRESOLVED:
+            error = _unresolved_error(outcome)
+            self.unresolved.append((row, name, _candidates_of(outcome)))
         # Successes are counted, not listed: one line per video is noise in a 10,000-row batch.
         if not outcome.ok:
             problems = _problems_of(outcome)
             if problems:
                 text = "; ".join(str(p) for p in problems)
-            elif outcome.error is not None:
-                code = f" [{outcome.error.code}]" if outcome.error.code else ""
-                text = f"{outcome.error.kind}{code}: {outcome.error.message}"
+            elif error is not None:
+                code = f" [{error.code}]" if error.code else ""
+                text = f"{error.kind}{code}: {error.message}"
             else:
                 text = "no reason given"
             self._failure(row, name, f"{state}: {text}")
             if not self.out.quiet:
-                style = "yellow" if outcome.state == OutcomeState.REJECTED else "red"
+                style = {OutcomeState.REJECTED: "yellow", OutcomeState.UNRESOLVED: "magenta"}.get(
+                    outcome.state, "red"
+                )
                 self.progress.note(f"✗ {where}: {state}: {text}", style=style)
             if isinstance(outcome.exception, AuthenticationError) and self.auth_error is None:
                 self.auth_error = str(outcome.exception)
@@ -195,7 +204,7 @@ class Sink:
                 "size": outcome.size,
                 "sha256": outcome.sha256,
                 "billed_seconds": outcome.billed_seconds,
-                **err_fields(outcome.error),
+                **err_fields(error),
             }
         )
 
@@ -207,6 +216,30 @@ class Sink:
 def _manifest_error(row: ManifestRow) -> ErrorInfo:
     text = "; ".join(str(p) for p in row.problems)
     return ErrorInfo(kind="ManifestError", message=f"row {row.row}: {text}")
+
+
+def _candidates_of(outcome: Outcome) -> tuple[str, ...]:
+    exc = outcome.exception
+    return exc.candidates if isinstance(exc, UnresolvedSubmitError) else ()
+
+
+def _unresolved_error(outcome: Outcome) -> ErrorInfo:
+    """The error of an unresolved outcome, naming its candidate tasks (or that there are none):
+    a report's reader settles the job with them."""
+    base = outcome.error
+    if base is None:
+        base = ErrorInfo(kind="UnresolvedSubmitError", message="the submit's answer was lost")
+    candidates = _candidates_of(outcome)
+    listed = ", ".join(candidates)
+    if candidates and listed in base.message:
+        return base
+    tail = f"candidate tasks: {listed}" if candidates else "no candidate task seen"
+    return ErrorInfo(
+        kind=base.kind,
+        message=f"{base.message}; {tail}",
+        code=base.code,
+        request_id=base.request_id,
+    )
 
 
 def _problems_of(outcome: Outcome) -> tuple[Problem, ...]:
@@ -225,6 +258,7 @@ def summary(sink: Sink, out: Output, elapsed: float, extra: Sequence[tuple[str, 
         ("rejected", str(sink.states["rejected"])),
         ("expired", str(sink.states["expired"])),
         ("cancelled", str(sink.states["cancelled"])),
+        ("unresolved", str(sink.states["unresolved"])),
         ("billed", fmt_seconds(sink.billed) + " of video (this run)"),
         ("elapsed", fmt_duration(elapsed)),
         *extra,
@@ -253,3 +287,40 @@ def summary(sink: Sink, out: Output, elapsed: float, extra: Sequence[tuple[str, 
                 f"  ... and {sink.failure_count - len(sink.failures)} more"
                 " (see --report FILE, or emo-async status)"
             )
+
+
+def advice(sink: Sink, settle: str | None) -> list[str]:
+    """What to do next about the jobs without a video, the settling of unresolved jobs last.
+
+    Args:
+        sink: The outcomes of the run.
+        settle: What to name to ``emo-async status``/``resolve`` (the output folder or the
+            journal), or None when no journal was kept.
+    """
+    lines = []
+    failed = sink.states[OutcomeState.FAILED.value]
+    if failed and settle is not None:
+        lines.append(
+            f"failed ({failed}): the same command tries them again (done jobs are skipped)"
+        )
+    expired = sink.states[OutcomeState.EXPIRED.value]
+    if expired:
+        # Paid for once already: resuming must not read as "nothing more to pay".
+        lines.append(
+            f"expired ({expired}): paid for, but the video URL ran out before it was saved;"
+            " they are not paid for again unless you run with --rebill-expired"
+        )
+    unresolved = len(sink.unresolved)
+    if unresolved:
+        head = f"unresolved ({unresolved}): may have been billed, not sent again;"
+        if settle is None:
+            lines.append(
+                f"{head} no journal was kept: check the candidate tasks listed above (their"
+                " videos are kept in .unattributed/ of the output folder)"
+            )
+        else:
+            lines.append(
+                f"{head} see `emo-async status {settle}`, then settle each with"
+                f" `emo-async resolve {settle} JOB --task TASK_ID` (or `--release TASK_ID`)"
+            )
+    return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from ._output import (
     setup_logging,
 )
 from ._progress import Counts, Progress
-from ._report import Report, Sink, summary
+from ._report import Report, Sink, advice, summary
 from ._validate import cmd_validate, load_manifest, rows_of
 
 __all__ = ["cmd_run", "execute", "make_out_dir"]
@@ -115,6 +116,14 @@ async def execute(
     return interrupted[0]
 
 
+def _settle_target(args: argparse.Namespace, journal: Path | None) -> str | None:
+    """What to name to ``emo-async status``/``resolve``: the output folder when the journal
+    is its default one, else the journal (shell-quoted: the line is meant to be pasted)."""
+    if journal is None:
+        return None
+    return shlex.quote(str(args.out if args.journal is None else journal))
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     await _check_report(args)
     if args.dry_run:
@@ -176,6 +185,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     "journal": journal,
                     "max_tasks": args.max_tasks,
                     "submit_rate": args.submit_rate,
+                    "submit_concurrency": args.submit_concurrency,
+                    "rebill_expired": args.rebill_expired,
                     "download_concurrency": args.download_concurrency,
                     "reconcile": args.reconcile,
                 },
@@ -206,6 +217,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             else "no journal was kept: a new run starts over"
         )
         out.say(f"interrupted: {hint}")
+    if not (out.json and out.quiet):
+        for line in advice(sink, _settle_target(args, journal_path)):
+            out.say(line)
     if out.json:
         out.emit_json(
             {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 from typing import Any, Final
 
@@ -95,11 +96,38 @@ async def cmd_status(args: argparse.Namespace) -> int:
                     {"name": name, "url_deadline": deadline.isoformat()}
                     for name, deadline in summary.at_risk
                 ],
+                "unresolved": [
+                    {
+                        "name": job.name,
+                        "key": job.key,
+                        "intent_at": job.intent_at.isoformat() if job.intent_at else None,
+                        "reason": job.reason,
+                        "candidates": [_candidate_json(c) for c in job.candidates],
+                    }
+                    for job in summary.unresolved
+                ],
             }
         )
     else:
         out.say(summary.render())
+        if summary.unresolved:
+            target = shlex.quote(str(args.journal))
+            out.say(
+                f"settle each with `emo-async resolve {target} JOB --task TASK_ID` (its task)"
+                " or `--release TASK_ID` (a task that is none of theirs)"
+            )
+    # Reading the journal worked: 0, whatever it holds (`run` is the one that fails on jobs).
     return EXIT_OK
+
+
+def _candidate_json(c: Any) -> dict[str, Any]:
+    return {
+        "task_id": c.task_id,
+        "created_at": c.created_at.isoformat() if c.created_at else None,
+        "status": c.status,
+        "video_duration": c.video_duration,
+        "path": c.path,
+    }
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
