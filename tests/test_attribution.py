@@ -81,12 +81,25 @@ class TestVerdicts:
         d = decide([LOST], ev)["job"]
         assert (d.verdict, d.task_id) == (Verdict.ADOPT, "x")
 
-    def test_mismatching_candidate_is_neither_adopted_nor_proof_of_absence(self) -> None:
-        """Another program's clip (3.9 s) in the window of a 3.5 s job: not ours, not resent."""
+    def test_clearly_mismatching_task_is_released(self) -> None:
+        """Another program's clip (3.9 s) in the window of a 3.5 s job: not ours; with the
+        window covered, nothing else in it: the job's POST provably created nothing."""
         ev = evidence(listed("b", 5.1), listed("x", 11, dur=3.9), listed("a", 20.1))
         d = decide([LOST], ev)["job"]
-        assert d.verdict == Verdict.UNRESOLVED
+        assert d.verdict == Verdict.RESEND
         assert d.candidates == ()
+
+    def test_task_near_the_tolerance_stays_unexplained(self) -> None:
+        """3.6 s for a 3.5 s job: no match (0.05 s), not clearly other (0.15 s): no resend."""
+        ev = evidence(listed("b", 5.1), listed("x", 11, dur=3.6), listed("a", 20.1))
+        d = decide([LOST], ev)["job"]
+        assert d.verdict == Verdict.UNRESOLVED
+
+    def test_other_ratio_is_released(self) -> None:
+        """A 3:4 video is not a 1:1 job's, whatever its length."""
+        x = ListedTask("x", srv(11), "SUCCEEDED", video_duration=3.5, video_ratio="3:4")
+        ev = evidence(listed("b", 5.1), x, listed("a", 20.1))
+        assert decide([LOST], ev)["job"].verdict == Verdict.RESEND
 
     def test_two_matching_candidates_are_unresolved_and_kept(self) -> None:
         """Two tasks that both fit: no guess, both kept as candidates."""

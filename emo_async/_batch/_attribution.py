@@ -37,6 +37,7 @@ __all__ = [
     "LostSubmit",
     "OwnTask",
     "Verdict",
+    "clearly_not_for",
     "decide",
     "durations_match",
     "to_query",
@@ -156,6 +157,18 @@ class Decision:
     reason: str
     task_id: str | None = None
     candidates: tuple[ListedTask, ...] = ()
+
+
+def clearly_not_for(task: ListedTask, audio: float | None, ratio: str | None = None) -> bool:
+    """Whether a finished task was billed for something else than this job's audio: a ratio
+    of its own, or a duration well outside the matching tolerance (three times it, so that a
+    task near the edge stays unexplained rather than released)."""
+    if audio is None or task.status != "SUCCEEDED" or task.video_duration is None:
+        return False
+    if task.video_ratio and ratio and task.video_ratio != ratio:
+        return True
+    slack = 3 * max(DURATION_SLACK, DURATION_FRACTION * audio)
+    return abs(task.video_duration - audio) > slack
 
 
 def durations_match(
@@ -380,12 +393,19 @@ def _verdict(
             f" {t.video_duration} s for {lost.audio_seconds} s of audio",
             task_id=t.task_id,
         )
-    if not inside:
+    # A finished task billed for clearly other audio is not this job's: it is released, and
+    # does not stand in the way of proving that this job's POST created nothing.
+    unexplained = [t for t in inside if not clearly_not_for(t, lost.audio_seconds, lost.ratio)]
+    if not unexplained:
         if window.covered:
-            return Decision(Verdict.RESEND, "the task list provably shows nothing in the window")
+            released = f" ({len(inside)} billed for other audio)" if inside else ""
+            return Decision(
+                Verdict.RESEND, f"the task list provably shows no task of this job{released}"
+            )
         return Decision(
             Verdict.UNRESOLVED, f"the task list cannot show the submit window ({window.why_not})"
         )
+    inside = unexplained
     if lost.audio_seconds is None:
         # Nothing can prove a task is this job's; every finished one may be.
         return Decision(
