@@ -211,7 +211,7 @@ class RunResult:
 
 def _mask(message: str) -> str:
     message = re.sub(r"\btask [\w-]+", "task <id>", message)
-    message = re.sub(r"candidates [\w, -]+", "candidates <ids>", message)
+    message = re.sub(r"candidate(s| tasks:) [\w, -]+", "candidates <ids>", message)
     return re.sub(r"\d+(\.\d+)?", "N", message)
 
 
