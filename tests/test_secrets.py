@@ -125,13 +125,21 @@ class TestSecrets:
             assert {"ambiguous", "error", "reset", "throttle", "truncate"} <= kinds
 
         states = {o.job.display_name: o.state for o in outcomes}
-        assert states["fails-on-server"] == OutcomeState.FAILED
+        # A submit answered 500 may hide a task: with a third of the answers lost around it,
+        # the billing rule may leave it unresolved rather than guess.
+        assert states["fails-on-server"] in (OutcomeState.FAILED, OutcomeState.UNRESOLVED)
         assert states["rejected-locally"] == OutcomeState.REJECTED
         assert states["bad-url"] == OutcomeState.REJECTED
         not_done = [
-            (o.job.display_name, o.state, o.error) for o in outcomes if o.job in jobs and not o.ok
+            (o.job.display_name, o.state, o.error)
+            for o in outcomes
+            if o.job in jobs and o.state not in (OutcomeState.DONE, OutcomeState.UNRESOLVED)
         ]
         assert not_done == []
+        # Every unresolved outcome's message is as clean as the rest (checked by debug_logs).
+        for o in outcomes:
+            if o.error is not None:
+                assert leaks(o.error.message) == []
 
         for o in outcomes:
             assert leaks(repr(o)) == [], o

@@ -93,6 +93,8 @@ class Resumer:
         """Whether a validated job from the feed still needs staging and submitting."""
         from .._journal import JobPhase
 
+        if item.key in self.resumed:
+            return False  # picked up from the journal at start: its outcome comes from there
         rec = await self._journal.register(item.key, item.job)
         item.record = rec
         phase = rec.phase
@@ -131,7 +133,7 @@ class Resumer:
                 return False
             logger.warning("%s: its paid video expired; paying for it again as asked", rec.name)
             await self._journal.reset_expired(item.key)
-        return item.key not in self.resumed
+        return True
 
     async def resume(self, records: list[JobRecord], tg: anyio.abc.TaskGroup) -> None:
         from .._journal import JobPhase
