@@ -16,11 +16,11 @@ import pytest
 from _media_server import MediaObject, MediaServer, make_bytes
 from aiohttp.test_utils import TestServer
 
-from emo_async import _download
 from emo_async._config import RetryPolicy, Timeouts
 from emo_async._download import (
     Downloader,
     DownloadResult,
+    _partfile,
     cleanup_orphans,
     part_paths,
     redact_url,
@@ -113,7 +113,7 @@ class TestHappyPath:
     async def test_early_writeback_keeps_the_file_intact(
         self, media: MediaServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(_download, "_WRITEBACK_EVERY", 2 * CHUNK)
+        monkeypatch.setattr(_partfile, "_WRITEBACK_EVERY", 2 * CHUNK)
         obj = media.add("a.mp4", SIZE, cut_at=[333_333])
         async with downloader() as dl:
             result = await dl.download(media.url("a.mp4"), tmp_path / "a.mp4")
