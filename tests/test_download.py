@@ -63,6 +63,13 @@ def assert_clean(result: DownloadResult, obj: MediaObject) -> None:
     assert not meta.exists()
 
 
+def write_our_sidecar(meta: Path) -> None:
+    """A sidecar as a crashed download of ours leaves it."""
+    fields = {"version": 1, "owner": "emo_async", "part": meta.name.removesuffix(".json")}
+    fields.update({"url_sha256": "0" * 64, "resource_sha256": "1" * 64, "etag": '"e"'})
+    meta.write_text(json.dumps(fields))
+
+
 def listing(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir())
 
@@ -631,9 +638,10 @@ class TestCleanupOrphans:
     """Orphaned partial files are removed unless a pending download owns them."""
 
     async def test_removes_unowned_parts_only(self, tmp_path: Path) -> None:
-        for name in ["a.mp4.part", "a.mp4.part.json", "b.mp4.part", "b.mp4.part.json", "c.mp4"]:
+        for name in ["a.mp4.part", "b.mp4.part", "c.mp4", "d.mp4.part"]:
             (tmp_path / name).write_bytes(b"x")
-        (tmp_path / "d.mp4.part").write_bytes(b"x")
+        for stem in ["a.mp4", "b.mp4"]:
+            write_our_sidecar(tmp_path / f"{stem}.part.json")
         os.mkdir(tmp_path / "dir.part")
         removed = await cleanup_orphans(
             tmp_path, keep=[tmp_path / "a.mp4", tmp_path / "d.mp4.part"]

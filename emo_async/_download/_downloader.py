@@ -152,7 +152,10 @@ class Downloader:
                 retries, or the server says so).
             DownloadError: A 4xx answer, a size or checksum mismatch, retries exhausted, a
                 forbidden origin, or the disk refused (disk full, permission denied; the
-                ``.part`` is then kept for a later resume).
+                ``.part`` is then kept for a later resume). Its subclass :class:`NotMP4Error`:
+                the bytes are not an MP4 (nothing is saved); :class:`PartInUseError`: another
+                download (perhaps in another process) is writing the same ``.part``. No message
+                shows the URL's query (its signature is a credential).
             ClientClosedError: The downloader is not open.
         """
         session = self._session

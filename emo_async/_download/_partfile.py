@@ -4,9 +4,9 @@ final verified rename."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,12 +18,14 @@ from aiofiles.threadpool.binary import AsyncBufferedReader
 
 from .._exceptions import DownloadError
 from ._files import (
+    OWNER,
     SIDECAR_VERSION,
     _fsync_dir,
-    _nofollow_opener,
     _os_download_error,
-    _write_text,
+    open_part,
     part_paths,
+    read_sidecar,
+    write_sidecar,
 )
 from ._types import DownloadResult
 from ._urls import _url_hashes, redact_url
@@ -35,6 +37,19 @@ _REHASH_BLOCK = 1 << 20
 _WRITEBACK_EVERY = 8 << 20
 _FADVISE = getattr(os, "posix_fadvise", None) if sys.platform.startswith("linux") else None
 _DONTNEED: int = getattr(os, "POSIX_FADV_DONTNEED", 4)
+_RENAME_OPEN = os.name == "posix"
+
+
+class NotMP4Error(DownloadError):
+    """The downloaded bytes are not an MP4 video (no ``ftyp`` box where one must be)."""
+
+
+def looks_like_mp4(head: bytes) -> bool:
+    """Whether a file's first bytes open with an ISO-BMFF ``ftyp`` box, as every MP4 does."""
+    if len(head) < 8 or head[4:8] != b"ftyp":
+        return False
+    size = int.from_bytes(head[:4], "big")
+    return size == 1 or size >= 8
 
 
 class _PartFile:
@@ -79,13 +94,24 @@ class _PartFile:
             self.saved_meta = meta
         try:
             with anyio.CancelScope(shield=True):
-                if resume:
-                    self.file = await aiofiles.open(self.part, "r+b", opener=_nofollow_opener)
-                else:
-                    self.file = await aiofiles.open(self.part, "w+b", opener=_nofollow_opener)
+                # Opened without truncating and locked first: a .part another download is
+                # writing must not lose a byte to us finding out.
+                fd = await anyio.to_thread.run_sync(open_part, self.part)
+                try:
+                    self.file = await aiofiles.open(fd, "r+b")
+                except BaseException:
+                    os.close(fd)
+                    raise
         except OSError as exc:
             raise _os_download_error("creating", self.part, exc) from exc
-        if resume:
+        if not resume:
+            try:
+                await self.file.truncate(0)  # type: ignore[union-attr]
+            except OSError as exc:
+                raise _os_download_error("truncating", self.part, exc) from exc
+            # The sidecar is what marks the .part as ours (for cleanup_orphans): write it now.
+            await self._save_meta()
+        else:
             try:
                 await self._rehash()
             except OSError as exc:
@@ -102,14 +128,15 @@ class _PartFile:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_download_error("creating the directory", self.dest.parent, exc) from exc
-        try:
-            if not self.part.is_file() or self.part.is_symlink():
-                return None
-            raw = self.meta.read_text(encoding="utf-8")
-            meta = json.loads(raw)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(meta, dict) or meta.get("version") != SIDECAR_VERSION:
+        for path in (self.part, self.meta):
+            try:
+                mode: int | None = os.lstat(path).st_mode
+            except OSError:
+                mode = None
+            if mode is not None and not stat.S_ISREG(mode):
+                raise DownloadError(f"{path} is in the way and is not a file of ours; left alone")
+        meta = read_sidecar(self.meta)
+        if meta is None:
             return None
         url_hash, resource_hash = _url_hashes(self.url)
         # The same object under a re-signed URL may resume: If-Range guards against a change.
@@ -197,6 +224,8 @@ class _PartFile:
         url_hash, resource_hash = _url_hashes(self.url)
         meta: dict[str, Any] = {
             "version": SIDECAR_VERSION,
+            "owner": OWNER,
+            "part": self.part.name,
             "url_sha256": url_hash,
             "resource_sha256": resource_hash,
             "etag": self.etag,
@@ -208,13 +237,16 @@ class _PartFile:
         try:
             # One thread hop that opens, writes and closes: cancelled in the middle of an
             # aiofiles open, the file object would be left open (a leaked handle).
-            await anyio.to_thread.run_sync(_write_text, self.meta, json.dumps(meta))
+            await anyio.to_thread.run_sync(write_sidecar, self.meta, meta)
         except OSError as exc:
             raise _os_download_error("writing", self.meta, exc) from exc
         self.saved_meta = meta
 
     async def _discard(self) -> None:
-        await self._close_file()
+        if not _RENAME_OPEN:
+            await self._close_file()
+        # Removed while the lock is still held: once it is released, the .part at this name
+        # may be another download's.
         for path in (self.part, self.meta):
             try:
                 await aiofiles.os.remove(path)
@@ -222,6 +254,7 @@ class _PartFile:
                 pass
             except OSError as exc:
                 logger.warning("could not remove %s: %s", path, exc)
+        await self._close_file()
 
     async def _finish(self) -> DownloadResult:
         digest = self.hasher.hexdigest()
@@ -239,14 +272,28 @@ class _PartFile:
         assert file is not None
         try:
             await file.flush()
+            head = await anyio.to_thread.run_sync(os.pread, file.fileno(), 16, 0)
+        except OSError as exc:
+            raise _os_download_error("reading", self.part, exc) from exc
+        if not looks_like_mp4(head):
+            await self._discard()
+            raise NotMP4Error(
+                f"{self.shown} is not an MP4 video (no ftyp box at its start; it begins "
+                f"{head[:12]!r}); nothing was saved"
+            )
+        try:
             await anyio.to_thread.run_sync(os.fsync, file.fileno())
         except OSError as exc:
             raise _os_download_error("saving", self.part, exc) from exc
-        await self._close_file()
+        if not _RENAME_OPEN:
+            await self._close_file()
         try:
+            # Renamed while still open (and locked) where the OS allows it, so no cleanup can
+            # take the .part between the last write and the rename.
             await aiofiles.os.replace(self.part, self.dest)
         except OSError as exc:
             raise _os_download_error("moving into place", self.dest, exc) from exc
+        await self._close_file()
         try:
             await anyio.to_thread.run_sync(_fsync_dir, self.dest.parent)
             await aiofiles.os.remove(self.meta)

@@ -15,7 +15,7 @@ from .._exceptions import DownloadError, ResultExpiredError, parse_retry_after
 from .._util import single_error
 from ._partfile import _PartFile
 from ._types import DownloadResult
-from ._urls import _now, _raise_if_expired
+from ._urls import _now, _raise_if_expired, redact_text, safe_cause
 from ._wire import (
     _BROKEN_STREAM,
     ERROR_BODY_LIMIT,
@@ -74,11 +74,18 @@ class _Transfer(_PartFile):
                 await self._attempt()
                 return
             except _BROKEN_STREAM as exc:
-                cause: BaseException = exc
-                reason = f"{type(exc).__name__}: {exc}"
+                cause: BaseException | None = safe_cause(exc)
+                reason = redact_text(f"{type(exc).__name__}: {exc}")
                 retry_after = None
             except _Retry as exc:
                 cause, reason, retry_after = exc, exc.reason, exc.retry_after
+            except aiohttp.ClientError as exc:
+                # Not retried (too many redirects, a redirect to a bad URL, ...). aiohttp's
+                # message carries the whole presigned URL, a credential: never pass it on.
+                detail = redact_text(f"{type(exc).__name__}: {exc}")
+                raise DownloadError(f"download of {self.shown} failed: {detail}") from safe_cause(
+                    exc
+                )
             if self.have > high_water:
                 high_water = self.have
                 failures = 0

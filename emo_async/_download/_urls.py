@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import re
 
 from yarl import URL
 
 from .._exceptions import ResultExpiredError
 
-__all__ = ["redact_url", "url_deadline"]
+__all__ = ["redact_text", "redact_url", "url_deadline"]
+
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_SECRET_PARAM = re.compile(
+    r"(?i)\b(signature|ossaccesskeyid|expires|security-?token|x-oss-[a-z0-9-]+|x-amz-[a-z0-9-]+)"
+    r"=[^&\s'\"<>]*"
+)
 
 
 def redact_url(url: str | URL) -> str:
@@ -20,6 +27,27 @@ def redact_url(url: str | URL) -> str:
         return str(parsed.with_user(None).with_query(None).with_fragment(None))
     except (TypeError, ValueError):
         return "<unparsable URL>"
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (:func:`redact_url`) and any stray signing
+    parameter (``Signature=``, ``OSSAccessKeyId=``, ``Expires=``, security tokens) blanked."""
+
+    def url(match: re.Match[str]) -> str:
+        found = match.group(0)
+        return redact_url(found) if any(c in found for c in "?#@") else found
+
+    text = _URL_IN_TEXT.sub(url, text)
+    return _SECRET_PARAM.sub(lambda m: f"{m.group(1)}=<redacted>", text)
+
+
+def safe_cause(exc: BaseException) -> BaseException | None:
+    """``exc`` if it can be chained to an error we raise, ``None`` if its message would show a
+    signed URL (aiohttp puts the full URL in some of its errors)."""
+    for shown in (str(exc), repr(exc)):
+        if redact_text(shown) != shown:
+            return None
+    return exc
 
 
 def url_deadline(url: str) -> _dt.datetime | None:
