@@ -26,8 +26,14 @@ EXPIRED_XML = (
 PIECE = 16 * 1024
 
 
+#: An MP4's opening ``ftyp`` box: the downloader refuses a result that does not start with one.
+FTYP = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+
+
 def make_bytes(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
+    """``size`` seeded pseudo-random bytes behind an MP4 ``ftyp`` box (cut if ``size`` is
+    smaller)."""
+    return (FTYP + random.Random(seed).randbytes(size))[:size]
 
 
 @attrs.define

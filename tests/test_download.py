@@ -16,11 +16,11 @@ import pytest
 from _media_server import MediaObject, MediaServer, make_bytes
 from aiohttp.test_utils import TestServer
 
-from emo_async import _download
 from emo_async._config import RetryPolicy, Timeouts
 from emo_async._download import (
     Downloader,
     DownloadResult,
+    _partfile,
     cleanup_orphans,
     part_paths,
     redact_url,
@@ -61,6 +61,13 @@ def assert_clean(result: DownloadResult, obj: MediaObject) -> None:
     part, meta = part_paths(result.path)
     assert not part.exists()
     assert not meta.exists()
+
+
+def write_our_sidecar(meta: Path) -> None:
+    """A sidecar as a crashed download of ours leaves it."""
+    fields = {"version": 1, "owner": "emo_async", "part": meta.name.removesuffix(".json")}
+    fields.update({"url_sha256": "0" * 64, "resource_sha256": "1" * 64, "etag": '"e"'})
+    meta.write_text(json.dumps(fields))
 
 
 def listing(path: Path) -> list[str]:
@@ -113,7 +120,7 @@ class TestHappyPath:
     async def test_early_writeback_keeps_the_file_intact(
         self, media: MediaServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(_download, "_WRITEBACK_EVERY", 2 * CHUNK)
+        monkeypatch.setattr(_partfile, "_WRITEBACK_EVERY", 2 * CHUNK)
         obj = media.add("a.mp4", SIZE, cut_at=[333_333])
         async with downloader() as dl:
             result = await dl.download(media.url("a.mp4"), tmp_path / "a.mp4")
@@ -631,9 +638,10 @@ class TestCleanupOrphans:
     """Orphaned partial files are removed unless a pending download owns them."""
 
     async def test_removes_unowned_parts_only(self, tmp_path: Path) -> None:
-        for name in ["a.mp4.part", "a.mp4.part.json", "b.mp4.part", "b.mp4.part.json", "c.mp4"]:
+        for name in ["a.mp4.part", "b.mp4.part", "c.mp4", "d.mp4.part"]:
             (tmp_path / name).write_bytes(b"x")
-        (tmp_path / "d.mp4.part").write_bytes(b"x")
+        for stem in ["a.mp4", "b.mp4"]:
+            write_our_sidecar(tmp_path / f"{stem}.part.json")
         os.mkdir(tmp_path / "dir.part")
         removed = await cleanup_orphans(
             tmp_path, keep=[tmp_path / "a.mp4", tmp_path / "d.mp4.part"]
