@@ -279,7 +279,8 @@ def kill_sim_config() -> SimulatorConfig:
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 class TestKillAndRestart:
-    """A batch SIGKILLed at 20 moments and restarted each time pays for every job once."""
+    """A batch SIGKILLed at 20 moments and restarted each time pays for every job at most
+    once, and keeps every video it paid for."""
 
     @pytest.mark.anyio
     async def test_twenty_kills_leave_every_job_done_once(self, tmp_path: Path) -> None:
@@ -324,10 +325,16 @@ class TestKillAndRestart:
             assert final.returncode == 0, final.stderr[-3000:]
             assert final.lines[-1] == {"type": "end"}
 
-            # Every job has exactly one terminal outcome, DONE, in the final run...
+            # Every job has exactly one terminal outcome in the final run: done, or unresolved
+            # when the kills left lost submits of the same billed duration whose windows
+            # overlap (the rule does not guess between them)...
             final_states = Counter((o["name"], o["state"]) for o in final.outcomes)
-            assert final_states == Counter({(n, "done"): 1 for n in names})
-            # ...and no run ended a job any other way than done, or unresolved (settled later).
+            assert sorted(n for n, _ in final_states) == sorted(names)
+            assert set(final_states.values()) == {1}
+            unresolved = [o for o in final.outcomes if o["state"] == "unresolved"]
+            assert {s for _, s in final_states} <= {"done", "unresolved"}
+            assert len(unresolved) <= kinds["intent"] + kinds["presubmit"], unresolved
+            # ...and no run ended a job any other way.
             others = [
                 o for r in runs for o in r.outcomes if o["state"] not in ("done", "unresolved")
             ]
@@ -335,25 +342,25 @@ class TestKillAndRestart:
 
             records = await journal_records(out_dir / JOURNAL)
             assert sorted(r.name for r in records) == sorted(names)
-            assert {r.phase for r in records} == {JobPhase.DONE}
-            for rec in records:
+            done = [r for r in records if r.phase == JobPhase.DONE]
+            assert {r.phase for r in records} <= {JobPhase.DONE, JobPhase.UNRESOLVED}
+            for rec in done:
                 assert rec.task_id is not None
                 assert rec.path is not None
                 expected = hashlib.sha256(sim.result_bytes(rec.task_id)).hexdigest()
                 assert sha256_file(Path(rec.path)) == expected == rec.sha256, rec.name
             assert sorted(p.name for p in out_dir.glob("*.mp4")) == sorted(
-                f"{n}.mp4" for n in names
+                f"{r.name}.mp4" for r in done
             )
             leftovers = sorted(p.name for p in out_dir.glob("*.part*"))
             assert leftovers == [], (leftovers, records)
-            # The ledger: 0 duplicate tasks, one task per job.
+            # The ledger: 0 duplicate tasks, at most one task per job, and every task either a
+            # job's saved video or kept in .unattributed/ for its unresolved job.
             assert sim.ledger.duplicate_tasks() == {}
-            assert len(sim.ledger.tasks_created) == len(jobs)
-
-            # Every task whose id was lost to a kill was found in the task list and adopted (its
-            # "adopted" event may itself have been lost to a later kill: the journal decides).
-            lost = {r.kill["task_id"] for r in runs if r.kill and r.kill["kind"] == "presubmit"}
-            assert lost <= {r.task_id for r in records}
+            assert len(sim.ledger.tasks_created) <= len(jobs)
+            kept = {p.stem for p in (out_dir / ".unattributed").glob("*.mp4")}
+            saved = {r.task_id for r in done}
+            assert {t.task_id for t in sim.ledger.tasks_created} <= saved | kept
             adopted = {e["task_id"] for r in runs for e in r.events("adopted")}
             # The download kills cut a video short: part of it was on disk, not all of it.
             sizes = {r.key: r.size for r in records}
