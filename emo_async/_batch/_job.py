@@ -165,6 +165,57 @@ class Reporter:
         self.skipped = 0
         self.billed = 0.0
 
+    @staticmethod
+    def idle(total: int | None, throttled: int) -> BatchStats:
+        """The stats of a batch that has not started."""
+        return BatchStats(
+            total=total,
+            seen=0,
+            preparing=0,
+            submitting=0,
+            running=0,
+            downloading=0,
+            done=0,
+            failed=0,
+            rejected=0,
+            expired=0,
+            cancelled=0,
+            skipped=0,
+            billed_seconds=0.0,
+            throttled=throttled,
+            elapsed=0.0,
+            eta=None,
+        )
+
+    def stats(self, total: int | None, throttled: int) -> BatchStats:
+        """A snapshot for progress displays."""
+        elapsed = time.monotonic() - self.started
+        finished = sum(self.states.values())
+        fresh = finished - self.skipped
+        eta = None
+        if total is not None and fresh > 0 and elapsed > 0:
+            eta = max(0.0, (total - finished) / (fresh / elapsed))
+        return BatchStats(
+            total=total,
+            seen=self.seen,
+            preparing=self.preparing,
+            submitting=self.submitting,
+            running=self.running,
+            downloading=self.downloading,
+            done=self.states[OutcomeState.DONE],
+            failed=self.states[OutcomeState.FAILED],
+            rejected=self.states[OutcomeState.REJECTED],
+            expired=self.states[OutcomeState.EXPIRED],
+            cancelled=self.states[OutcomeState.CANCELLED],
+            unresolved=self.states[OutcomeState.UNRESOLVED],
+            reconciling=self.reconciling,
+            skipped=self.skipped,
+            billed_seconds=self.billed,
+            throttled=throttled,
+            elapsed=elapsed,
+            eta=eta,
+        )
+
     def event(self, kind: EventKind, item: InFlight, detail: str | None = None) -> None:
         if self._on_event is None:
             return

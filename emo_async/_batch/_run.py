@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -207,51 +206,10 @@ class BatchRun:
 
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
-        c = self._report
-        elapsed = 0.0 if c is None else time.monotonic() - c.started
-        if c is None:
-            states = dict.fromkeys(OutcomeState, 0)
-            counts = (0, 0, 0, 0, 0, 0, 0, 0)
-            billed = 0.0
-        else:
-            states = c.states
-            counts = (
-                c.seen,
-                c.preparing,
-                c.submitting,
-                c.running,
-                c.downloading,
-                c.skipped,
-                c.reconciling,
-                0,
-            )
-            billed = c.billed
-        seen, preparing, submitting, running, downloading, skipped, reconciling, _ = counts
-        finished = sum(states.values())
-        eta = None
-        if self._total is not None and finished - skipped > 0 and elapsed > 0:
-            rate = (finished - skipped) / elapsed
-            eta = max(0.0, (self._total - finished) / rate) if rate > 0 else None
-        return BatchStats(
-            total=self._total,
-            seen=seen,
-            preparing=preparing,
-            submitting=submitting,
-            running=running,
-            downloading=downloading,
-            done=states[OutcomeState.DONE],
-            failed=states[OutcomeState.FAILED],
-            rejected=states[OutcomeState.REJECTED],
-            expired=states[OutcomeState.EXPIRED],
-            cancelled=states[OutcomeState.CANCELLED],
-            unresolved=states[OutcomeState.UNRESOLVED],
-            reconciling=reconciling,
-            skipped=skipped,
-            billed_seconds=billed,
-            throttled=self._client.statistics().throttled,
-            elapsed=elapsed,
-            eta=eta,
-        )
+        throttled = self._client.statistics().throttled
+        if self._report is None:
+            return Reporter.idle(self._total, throttled)
+        return self._report.stats(self._total, throttled)
 
     def _dest_for(self, item: InFlight) -> Path:
         path: Path = self._names.assign(item.job.display_name, item.key)  # type: ignore[attr-defined]
