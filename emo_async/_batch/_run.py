@@ -174,27 +174,10 @@ class BatchRun:
                         pass  # running tasks cannot be cancelled; that is fine
 
     async def _open_journal(self, stack: AsyncExitStack) -> None:
-        from .._journal import Journal, open_journal
-
         arg = self._journal_arg
-        if arg is None or arg is False:
-            return
-        if isinstance(arg, Journal):
-            self._journal = arg
-        else:
-            path = self.out_dir / JOURNAL_NAME if arg is True else Path(os.fspath(arg))
-            self._journal = await stack.enter_async_context(open_journal(path))
-        # While the batch runs, finished tasks, saved videos and outcomes may wait a moment to
-        # share the commit (the fsync) of another job's write; intents and task ids never wait.
-        stack.callback(setattr, self._journal, "commit_delay", self._journal.commit_delay)
-        self._journal.commit_delay = _COMMIT_DELAY
-        self._known = {tid: OwnTask(tid) for tid in await self._journal.known_task_ids()}
-        async for rec in self._journal.records():
-            if rec.task_id and rec.task_id in self._known:
-                # The current attempt's times make it a witness for lost answers too.
-                self._known[rec.task_id] = OwnTask(
-                    rec.task_id, sent_at=rec.intent_at, answered_at=rec.submitted_at
-                )
+        if arg is not None and arg is not False:
+            self._journal = await open_batch_journal(stack, arg, self.out_dir)
+            self._known = await known_tasks(self._journal)
 
     async def _reserve_recorded_paths(self) -> None:
         """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve)."""
@@ -292,19 +275,9 @@ class BatchRun:
                 background.cancel_scope.cancel()
 
     async def _cleanup_parts(self, resumable: Sequence[JobRecord]) -> None:
-        """Remove ``.part`` files no resumable job will continue."""
-        from .._download import cleanup_orphans
-
-        keep = []
-        for rec in resumable:
-            keep.append(self._dest_for(InFlight(rec.job, key=rec.key)))
-        try:
-            removed = await cleanup_orphans(self.out_dir, keep)
-        except OSError as exc:
-            logger.warning("could not clean partial downloads in %s: %s", self.out_dir, exc)
-            return
-        for path in removed:
-            logger.info("removed an orphaned partial download: %s", path.name)
+        """Remove ``.part`` files of ours that no resumable job will continue."""
+        keep = [self._dest_for(InFlight(rec.job, key=rec.key)) for rec in resumable]
+        await cleanup_parts(self.out_dir, keep)
 
     async def _feed(self, send: MemoryObjectSendStream[InFlight]) -> None:
         report = self._report
@@ -402,3 +375,46 @@ class BatchRun:
 
     async def _track(self, finisher: Finisher, item: InFlight) -> None:
         await finisher.track(item, lambda: self._release(item))
+
+
+async def open_batch_journal(
+    stack: AsyncExitStack, arg: str | os.PathLike[str] | Journal | bool, out_dir: Path
+) -> Journal:
+    """The batch's journal: the one given, or opened (and closed with ``stack``)."""
+    from .._journal import Journal, open_journal
+
+    if isinstance(arg, Journal):
+        journal = arg
+    else:
+        path = out_dir / JOURNAL_NAME if isinstance(arg, bool) else Path(os.fspath(arg))
+        journal = await stack.enter_async_context(open_journal(path))
+    # While the batch runs, finished tasks, saved videos and outcomes may wait a moment to
+    # share the commit (the fsync) of another job's write; intents and task ids never wait.
+    stack.callback(setattr, journal, "commit_delay", journal.commit_delay)
+    journal.commit_delay = _COMMIT_DELAY
+    return journal
+
+
+async def known_tasks(journal: Journal) -> dict[str, OwnTask]:
+    """Every task the journal records as some job's; the current attempts' with their times,
+    which make them witnesses for lost answers too."""
+    known = {tid: OwnTask(tid) for tid in await journal.known_task_ids()}
+    async for rec in journal.records():
+        if rec.task_id and rec.task_id in known:
+            known[rec.task_id] = OwnTask(
+                rec.task_id, sent_at=rec.intent_at, answered_at=rec.submitted_at
+            )
+    return known
+
+
+async def cleanup_parts(out_dir: Path, keep: Sequence[Path]) -> None:
+    """Remove partial downloads of ours in ``out_dir`` that nothing will continue."""
+    from .._download import cleanup_orphans
+
+    try:
+        removed = await cleanup_orphans(out_dir, keep)
+    except OSError as exc:
+        logger.warning("could not clean partial downloads in %s: %s", out_dir, exc)
+        return
+    for path in removed:
+        logger.info("removed an orphaned partial download: %s", path.name)
