@@ -162,7 +162,7 @@ class Client(AsyncContextManagerMixin):
         workspace: Model Studio workspace id, sent as ``X-DashScope-WorkSpace`` on every API
             request (never to the upload or video hosts). A key that belongs to a workspace
             needs it; with a gateway base URL it defaults to the id the host names (a
-            different one is an error).
+            different one is an error). ``""`` means none, whatever the environment says.
         timeouts: Per-phase timeouts of API requests.
         retry: Retry policy of API requests and uploads (the billed submit is retried only
             when provably unsent).

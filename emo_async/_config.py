@@ -269,8 +269,9 @@ def resolve_settings(
         or _env(environ, "DASHSCOPE_BASE_URL", "DASHSCOPE_HTTP_BASE_URL")
         or DEFAULT_BASE_URL
     )
+    # workspace="" is an explicit "none": it overrides DASHSCOPE_WORKSPACE.
     ws = workspace if workspace is not None else _env(environ, "DASHSCOPE_WORKSPACE")
-    ws = _check_workspace(ws or None, url)
+    ws = _check_workspace(None if ws == "" else ws, url)
     if timeouts is None:
         timeouts = DEFAULT_TIMEOUTS
         raw = _env(environ, "DASHSCOPE_TIMEOUT")
