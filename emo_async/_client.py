@@ -607,7 +607,7 @@ class Client(AsyncContextManagerMixin):
         ``timeout`` and ``extra_headers`` apply to each page's request (see
         :meth:`list_page`).
         """
-        # Checked here, before the first page: a generator's body runs only when iterated.
+        # Refused at the first iteration, before the first page's request is made.
         with call_options(timeout, extra_headers):
             pass
         page = 1
