@@ -133,20 +133,14 @@ class Client(AsyncContextManagerMixin):
     setting the first that is set wins: explicit argument > 2.x variable > 1.x (legacy)
     variable > key file > default:
 
-    ============  ==============================  ==========================  ==============
-    setting       2.x variable                    legacy / file               default
-    ============  ==============================  ==========================  ==============
-    api_key       ``DASHSCOPE_API_KEY``           the file named by           none: error
-                                                  ``DASHSCOPE_API_KEY_FILE_
-                                                  PATH``, else
-                                                  ``~/.dashscope/api_key``
-    base_url      ``DASHSCOPE_BASE_URL``          ``DASHSCOPE_HTTP_BASE_URL`` Beijing
-    workspace     ``DASHSCOPE_WORKSPACE``         the gateway host's id       none
-    timeouts      ``DASHSCOPE_TIMEOUT`` (total)   --                          ``DEFAULT_TIMEOUTS``
-    retry         ``DASHSCOPE_MAX_RETRIES``       --                          ``DEFAULT_RETRY_
-                  (attempts - 1)                                              POLICY``
-    log level     ``DASHSCOPE_LOG``               ``DASHSCOPE_LOGGING_LEVEL`` unchanged
-    ============  ==============================  ==========================  ==============
+    - ``api_key``: ``DASHSCOPE_API_KEY``, then the file ``DASHSCOPE_API_KEY_FILE_PATH`` names
+      (default ``~/.dashscope/api_key``; a named file that is missing is an error);
+    - ``base_url``: ``DASHSCOPE_BASE_URL``, then ``DASHSCOPE_HTTP_BASE_URL``, then Beijing;
+    - ``workspace``: ``DASHSCOPE_WORKSPACE``, then the id a gateway base URL names;
+    - ``timeouts``: ``DASHSCOPE_TIMEOUT`` (seconds, the request total) over
+      ``DEFAULT_TIMEOUTS``;
+    - ``retry``: ``DASHSCOPE_MAX_RETRIES`` (attempts - 1) over ``DEFAULT_RETRY_POLICY``;
+    - the ``emo_async`` log level: ``DASHSCOPE_LOG``, then ``DASHSCOPE_LOGGING_LEVEL``.
 
     An empty variable counts as unset. The key read from a file is never logged nor shown.
     ``DASHSCOPE_LOG`` sets the level of the ``emo_async`` logger only when nobody set one
