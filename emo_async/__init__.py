@@ -59,6 +59,9 @@ from ._exceptions import (
     TransportError,
     UnresolvedSubmitError,
     UnsupportedOperationError,
+    WorkspaceAccessDeniedError,
+    WorkspaceError,
+    WorkspaceNotFoundError,
 )
 from ._journal import JobPhase, Journal, JournalSummary, open_journal, read_summary
 from ._media import Estimate, ValidatedJob, estimate, validate_job
@@ -146,6 +149,9 @@ __all__ = [
     "UnresolvedSubmitError",
     "UnsupportedOperationError",
     "ValidatedJob",
+    "WorkspaceAccessDeniedError",
+    "WorkspaceError",
+    "WorkspaceNotFoundError",
     "__version__",
     "estimate",
     "make_sample_set",

@@ -18,13 +18,10 @@ import attrs
 from anyio import AsyncContextManagerMixin
 
 from ._config import (
-    DEFAULT_BASE_URL,
     DEFAULT_DOWNLOAD_TIMEOUTS,
     DEFAULT_LIMITS,
     DEFAULT_MAX_LIST_PAGES,
     DEFAULT_POLL_POLICY,
-    DEFAULT_RETRY_POLICY,
-    DEFAULT_TIMEOUTS,
     DETECT_MODEL,
     EMO_MODEL,
     RESULT_URL_VALIDITY,
@@ -32,6 +29,7 @@ from ._config import (
     PollPolicy,
     RetryPolicy,
     Timeouts,
+    resolve_settings,
 )
 from ._download import url_deadline
 from ._exceptions import (
@@ -40,7 +38,14 @@ from ._exceptions import (
     JobCancelledError,
     JobFailedError,
 )
-from ._http import HttpCore, env_proxy, is_loopback_host, make_trace_config, origin_of
+from ._http import (
+    HttpCore,
+    call_options,
+    env_proxy,
+    is_loopback_host,
+    make_trace_config,
+    origin_of,
+)
 from ._models import (
     SERVER_TZ,
     BBox,
@@ -123,20 +128,46 @@ class Client(AsyncContextManagerMixin):
     Where a block does not fit, ``client = await Client().__aenter__()`` opens it and
     ``await client.aclose()`` closes it (from the same task). A client is opened once.
 
+    Configuration comes from the arguments, then from the environment, in one place (here,
+    when the client is created), with the names of the official ``dashscope`` SDK. For each
+    setting the first that is set wins: explicit argument > 2.x variable > 1.x (legacy)
+    variable > key file > default:
+
+    - ``api_key``: ``DASHSCOPE_API_KEY``, then the file ``DASHSCOPE_API_KEY_FILE_PATH`` names
+      (default ``~/.dashscope/api_key``; a named file that is missing is an error);
+    - ``base_url``: ``DASHSCOPE_BASE_URL``, then ``DASHSCOPE_HTTP_BASE_URL``, then Beijing;
+    - ``workspace``: ``DASHSCOPE_WORKSPACE``, then the id a gateway base URL names;
+    - ``timeouts``: ``DASHSCOPE_TIMEOUT`` (seconds, the request total) over
+      ``DEFAULT_TIMEOUTS``;
+    - ``retry``: ``DASHSCOPE_MAX_RETRIES`` (attempts - 1) over ``DEFAULT_RETRY_POLICY``;
+    - the ``emo_async`` log level: ``DASHSCOPE_LOG``, then ``DASHSCOPE_LOGGING_LEVEL``.
+
+    An empty variable counts as unset. The key read from a file is never logged nor shown.
+    ``DASHSCOPE_LOG`` sets the level of the ``emo_async`` logger only when nobody set one
+    (the application's own setting wins); no handler is ever added, so without a logging
+    configuration Python shows WARNING and above only.
+
     Args:
-        api_key: DashScope API key; falls back to ``DASHSCOPE_API_KEY``.
-        base_url: API base URL; falls back to ``DASHSCOPE_HTTP_BASE_URL``, then Beijing's
-            ``https://dashscope.aliyuncs.com/api/v1``. Plain ``http://`` is accepted only for
-            loopback hosts (the simulator).
+        api_key: DashScope API key.
+        base_url: API base URL: Beijing's ``https://dashscope.aliyuncs.com/api/v1`` by default,
+            or a workspace gateway ``https://{workspace}.cn-beijing.maas.aliyuncs.com``. A
+            bare host gets ``/api/v1``; a URL with a path is used as it is. Plain ``http://``
+            is accepted only for loopback hosts (the simulator).
+        workspace: Model Studio workspace id, sent as ``X-DashScope-WorkSpace`` on every API
+            request (never to the upload or video hosts). A key that belongs to a workspace
+            needs it; with a gateway base URL it defaults to the id the host names (a
+            different one is an error). ``""`` means none, whatever the environment says.
         timeouts: Per-phase timeouts of API requests.
         retry: Retry policy of API requests and uploads (the billed submit is retried only
             when provably unsent).
         limits: Request rates and pool sizes.
         poll: How the shared poller spends its query budget.
         download_timeouts: Connect and per-read timeouts of downloads (never a total).
+        trace_configs: ``aiohttp.TraceConfig`` objects attached to the API sessions (not the
+            upload or download ones), e.g. for OpenTelemetry or request logging.
 
     Raises:
-        ValueError: no API key, or a bad base URL.
+        ValueError: no API key, a bad base URL or workspace, or an unusable variable.
     """
 
     def __init__(
@@ -144,24 +175,34 @@ class Client(AsyncContextManagerMixin):
         api_key: str | None = None,
         *,
         base_url: str | None = None,
-        timeouts: Timeouts = DEFAULT_TIMEOUTS,
-        retry: RetryPolicy = DEFAULT_RETRY_POLICY,
+        workspace: str | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
         limits: Limits = DEFAULT_LIMITS,
         poll: PollPolicy = DEFAULT_POLL_POLICY,
         download_timeouts: Timeouts = DEFAULT_DOWNLOAD_TIMEOUTS,
+        trace_configs: Iterable[aiohttp.TraceConfig] = (),
     ) -> None:
-        key = api_key if api_key is not None else os.environ.get("DASHSCOPE_API_KEY")
-        if not key:
-            raise ValueError(
-                "no API key: pass api_key=... or set DASHSCOPE_API_KEY "
-                "(for the offline simulator, use emo_async.simulator)"
-            )
-        self.__key = key
-        self.base_url = _check_base_url(
-            base_url or os.environ.get("DASHSCOPE_HTTP_BASE_URL") or DEFAULT_BASE_URL
+        # The one place of the package that reads the environment.
+        settings = resolve_settings(
+            os.environ,
+            api_key=api_key,
+            base_url=base_url,
+            workspace=workspace,
+            timeouts=timeouts,
+            retry=retry,
         )
-        self.timeouts = timeouts
-        self.retry = retry
+        self.__key = settings.api_key
+        self.base_url = _check_base_url(settings.base_url)
+        #: The workspace id sent with every API request, or None.
+        self.workspace = settings.workspace
+        self.timeouts = settings.timeouts
+        self.retry = settings.retry
+        self._trace_configs = tuple(trace_configs)
+        if settings.log_level is not None and logger.level == logging.NOTSET:
+            logger.setLevel(settings.log_level)
+        if settings.key_source not in ("argument", "DASHSCOPE_API_KEY"):
+            logger.debug("API key read from %s", settings.key_source)
         self.limits = limits
         self.poll_policy = poll
         self.download_timeouts = download_timeouts
@@ -187,7 +228,8 @@ class Client(AsyncContextManagerMixin):
 
     def __repr__(self) -> str:
         # Never the key, not even a part of it.
-        return f"<Client base_url={self.base_url!r} state={self._state}>"
+        ws = f" workspace={self.workspace!r}" if self.workspace else ""
+        return f"<Client base_url={self.base_url!r}{ws} state={self._state}>"
 
     @property
     def api_origin(self) -> tuple[str, str, int]:
@@ -215,7 +257,10 @@ class Client(AsyncContextManagerMixin):
         # request (two thread hops, more than half the client's CPU per request): the
         # environment's proxy is read once here instead. Cookies are never kept.
         api_session = aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            trace_configs=list(self._trace_configs) or None,
         )
         # Billed requests go through a twin session on the same pool that traces whether the
         # request headers went out (what tells a safe retry from an ambiguous one).
@@ -224,7 +269,7 @@ class Client(AsyncContextManagerMixin):
             connector_owner=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
-            trace_configs=[make_trace_config()],
+            trace_configs=[make_trace_config(), *self._trace_configs],
         )
         # Uploads: no key, ever. The environment's proxy is read once per upload host (by the
         # request path) rather than by aiohttp on every upload (two thread hops each, .netrc).
@@ -254,6 +299,7 @@ class Client(AsyncContextManagerMixin):
                 retry=self.retry,
                 limiters=self._limiters,
                 user_agent=ua,
+                workspace=self.workspace,
             )
             self._poller = StatusPoller(self.poll_policy, self.get_task, self._sweep_pages)
             body_exc: BaseException | None = None
@@ -352,25 +398,36 @@ class Client(AsyncContextManagerMixin):
             return {"X-DashScope-OssResourceResolve": "enable"}
         return {}
 
-    async def detect(self, image_url: str, *, ratio: str = "1:1") -> Detection:
+    async def detect(
+        self,
+        image_url: str,
+        *,
+        ratio: str = "1:1",
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Detection:
         """Run emo-detect-v1 on a portrait URL (``http(s)://`` or ``oss://``).
 
         Returns the answer whatever ``check_pass`` says; the batch turns a failed check into
         :class:`DetectionRejectedError`.
+        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
+        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
+        added to them (never ``Authorization``: ``ValueError``).
         """
         if ratio not in ("1:1", "3:4"):
             raise ValueError(f"ratio must be '1:1' or '3:4', got {ratio!r}")
-        resp = await self._core().request(
-            "POST",
-            _DETECT_PATH,
-            family="detect",
-            json_body={
-                "model": DETECT_MODEL,
-                "input": {"image_url": image_url},
-                "parameters": {"ratio": ratio},
-            },
-            headers=self._oss_headers(image_url),
-        )
+        with call_options(timeout, extra_headers):
+            resp = await self._core().request(
+                "POST",
+                _DETECT_PATH,
+                family="detect",
+                json_body={
+                    "model": DETECT_MODEL,
+                    "input": {"image_url": image_url},
+                    "parameters": {"ratio": ratio},
+                },
+                headers=self._oss_headers(image_url),
+            )
         return Detection.from_json(resp.body, ratio=ratio)  # type: ignore[arg-type]
 
     async def submit(
@@ -381,8 +438,14 @@ class Client(AsyncContextManagerMixin):
         face_bbox: BBox | Iterable[int],
         ext_bbox: BBox | Iterable[int],
         style_level: str = "normal",
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
     ) -> Task:
         """Create an emo-v1 task (billed). Sent at most once.
+
+        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
+        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
+        added to them (never ``Authorization``: ``ValueError``).
 
         Raises:
             AmbiguousSubmitError: the request went out but no answer came back; a task may
@@ -404,7 +467,7 @@ class Client(AsyncContextManagerMixin):
         sent_at = _dt.datetime.now(_dt.UTC)
         # Once the POST is out, its answer is money: a cancellation waits for it (bounded by
         # the request's timeouts), so the task id is recorded and the caller can be told.
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), call_options(timeout, extra_headers):
             resp = await self._core().request(
                 "POST", _SUBMIT_PATH, family="submit", json_body=body, headers=headers, billed=True
             )
@@ -416,28 +479,57 @@ class Client(AsyncContextManagerMixin):
             now = _dt.datetime.now(_dt.UTC)
             raise AmbiguousSubmitError(
                 f"the submit answer (request_id={resp.request_id}) carries no task id",
-                sent_at=now - _dt.timedelta(seconds=self.timeouts.total or 120.0),
+                sent_at=now - _dt.timedelta(seconds=timeout or self.timeouts.total or 120.0),
                 failed_at=now,
             )
         logger.info("submitted task %s (request_id=%s)", task.task_id, resp.request_id)
         return task
 
-    async def get_task(self, task_id: str) -> Task:
-        """One ``GET /tasks/{task_id}`` (counts against the task-query limit)."""
+    async def get_task(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Task:
+        """One ``GET /tasks/{task_id}`` (counts against the task-query limit).
+
+        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
+        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
+        added to them (never ``Authorization``: ``ValueError``).
+        """
         _check_task_id(task_id)
-        resp = await self._core().request("GET", f"/tasks/{task_id}", family="task")
+        with call_options(timeout, extra_headers):
+            resp = await self._core().request("GET", f"/tasks/{task_id}", family="task")
         task = Task.from_json(resp.body)
         if not task.task_id:
             task = attrs.evolve(task, task_id=task_id)
         return task
 
-    async def cancel_task(self, task_id: str) -> Task:
-        """Cancel a task that is still PENDING (DashScope cancels nothing else)."""
+    async def cancel_task(
+        self,
+        task_id: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> Task:
+        """Cancel a task that is still PENDING (DashScope cancels nothing else).
+
+        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
+        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
+        added to them (never ``Authorization``: ``ValueError``).
+        """
         _check_task_id(task_id)
-        resp = await self._core().request("POST", f"/tasks/{task_id}/cancel", family="cancel")
+        with call_options(timeout, extra_headers):
+            resp = await self._core().request("POST", f"/tasks/{task_id}/cancel", family="cancel")
         task = Task.from_json(resp.body)
         if not task.task_id:
-            task = Task(task_id=task_id, status=TaskStatus.CANCELED, request_id=resp.request_id)
+            task = Task(
+                task_id=task_id,
+                status=TaskStatus.CANCELED,
+                request_id=resp.request_id,
+                raw=resp.body,
+            )
         return task
 
     async def list_page(
@@ -449,8 +541,15 @@ class Client(AsyncContextManagerMixin):
         end_time: _dt.datetime | None = None,
         status: str | None = None,
         model_name: str | None = EMO_MODEL,
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
     ) -> TaskPage:
-        """One page of ``GET /tasks`` (newest first, as DashScope serves it)."""
+        """One page of ``GET /tasks`` (newest first, as DashScope serves it).
+
+        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
+        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
+        added to them (never ``Authorization``: ``ValueError``).
+        """
         params: dict[str, str] = {"page_no": str(page_no), "page_size": str(page_size)}
         if start_time is not None:
             params["start_time"] = _server_stamp(start_time)
@@ -461,8 +560,9 @@ class Client(AsyncContextManagerMixin):
         if model_name:
             params["model_name"] = model_name
         # A page counts against the list's own (undocumented) limit and the task queries'.
-        await self._limiters["list"].acquire()
-        resp = await self._core().request("GET", "/tasks", family="task", params=params)
+        with call_options(timeout, extra_headers):
+            await self._limiters["list"].acquire()
+            resp = await self._core().request("GET", "/tasks", family="task", params=params)
         if self._poller is not None:
             self._poller.note_list_page()
         body = resp.body
@@ -491,12 +591,19 @@ class Client(AsyncContextManagerMixin):
         model_name: str | None = EMO_MODEL,
         page_size: int = 100,
         max_pages: int | None = DEFAULT_MAX_LIST_PAGES,
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[TaskListItem]:
         """Iterate over ``GET /tasks``, page by page (newest first), at most ``max_pages``.
 
         Paging ends at ``total_page``, at a short or empty page, or when a page repeats the one
         before (a list that ignores ``page_no`` would otherwise be paged forever).
+        ``timeout`` and ``extra_headers`` apply to each page's request (see
+        :meth:`list_page`).
         """
+        # Refused at the first iteration, before the first page's request is made.
+        with call_options(timeout, extra_headers):
+            pass
         page = 1
         previous: tuple[str, ...] | None = None
         while max_pages is None or page <= max_pages:
@@ -507,6 +614,8 @@ class Client(AsyncContextManagerMixin):
                 end_time=end_time,
                 status=status,
                 model_name=model_name,
+                timeout=timeout,
+                extra_headers=extra_headers,
             )
             ids = tuple(i.task_id for i in got.items)
             if ids and ids == previous:
@@ -559,19 +668,32 @@ class Client(AsyncContextManagerMixin):
 
     # -- uploads -----------------------------------------------------------------------------
 
-    async def upload(self, path: str | os.PathLike[str], *, model: str = EMO_MODEL) -> str:
+    async def upload(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str = EMO_MODEL,
+        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> str:
         """Upload a local file to DashScope's temporary storage; returns its ``oss://`` URL.
 
         One policy serves many uploads until it expires; the file is streamed, not read into
         memory; the same content is uploaded once per client (and reused for 47 h of its 48 h
         validity). Calls that carry an ``oss://`` URL send
         ``X-DashScope-OssResourceResolve: enable`` by themselves.
+
+        ``timeout`` (seconds) bounds the policy request and the upload POST, each (the upload
+        host has no total otherwise: a big file on a slow link is not an error);
+        ``extra_headers`` go to the policy request only, never to the upload host (no
+        ``Authorization``: ``ValueError``). A cached upload or policy makes no request.
         """
         from ._media import sha256_file
 
-        p = Path(path)
-        digest = await anyio.to_thread.run_sync(sha256_file, p)
-        return await self.upload_digest(p, digest, model=model)
+        with call_options(timeout, extra_headers):
+            p = Path(path)
+            digest = await anyio.to_thread.run_sync(sha256_file, p)
+            return await self.upload_digest(p, digest, model=model)
 
     async def upload_digest(
         self, path: Path, digest: str, *, model: str = EMO_MODEL, content: bytes | None = None

@@ -7,6 +7,7 @@
     │   ├── AuthenticationError (401/403)
     │   │   ├── InvalidApiKeyError                  InvalidApiKey
     │   │   └── AccessDeniedError                   AccessDenied*
+    │   │       └── WorkspaceAccessDeniedError *    Workspace.AccessDenied
     │   ├── InvalidRequestError (400, 413, 415)
     │   │   ├── InvalidParameterError               InvalidParameter, BadRequest.*
     │   │   ├── InvalidURLError                     InvalidURL
@@ -19,6 +20,7 @@
     │   │   ├── DataInspectionFailedError           DataInspectionFailed
     │   │   └── UnsupportedOperationError           UnsupportedOperation
     │   ├── NotFoundError (404)                     ModelNotFound
+    │   │   └── WorkspaceNotFoundError *            WorkSpaceNotFound
     │   ├── RateLimitError (.retry_after)           Throttling, Throttling.RateQuota
     │   ├── QuotaExhaustedError (never retried)     Throttling.AllocationQuota, *BillOverdue
     │   └── ServerError (5xx, 408)
@@ -40,6 +42,8 @@
     │   ├── JournalLockedError: another process runs this journal
     │   └── JournalCorruptError: not a journal, or damaged
     └── ClientClosedError (also RuntimeError): a closed client was used
+
+    * also a WorkspaceError (an APIError): ``except WorkspaceError`` catches both.
 """
 
 from __future__ import annotations
@@ -93,6 +97,9 @@ __all__ = [
     "TransportError",
     "UnresolvedSubmitError",
     "UnsupportedOperationError",
+    "WorkspaceAccessDeniedError",
+    "WorkspaceError",
+    "WorkspaceNotFoundError",
     "error_from_response",
     "parse_retry_after",
 ]
@@ -163,6 +170,16 @@ class AccessDeniedError(AuthenticationError):
     """``AccessDenied*``: the key may not use this model or workspace."""
 
 
+class WorkspaceError(APIError):
+    """The workspace the request names (``X-DashScope-WorkSpace``), or fails to name, is
+    wrong for this key: check ``Client(workspace=...)`` / ``DASHSCOPE_WORKSPACE``."""
+
+
+class WorkspaceAccessDeniedError(AccessDeniedError, WorkspaceError):
+    """403 ``Workspace.AccessDenied``: the key may not use the workspace the request falls in
+    (a workspace key sent without its workspace gets this)."""
+
+
 class InvalidRequestError(APIError):
     """The request itself is wrong (400-class); sending it again will not help."""
 
@@ -209,6 +226,10 @@ class UnsupportedOperationError(InvalidRequestError):
 
 class NotFoundError(APIError):
     """404: the model, workspace or resource does not exist."""
+
+
+class WorkspaceNotFoundError(NotFoundError, WorkspaceError):
+    """404 ``WorkSpaceNotFound``: no workspace of this account has that id."""
 
 
 class RateLimitError(APIError):
@@ -259,7 +280,7 @@ _CODE_CLASSES: dict[str, type[APIError]] = {
     "InvalidApiKey": InvalidApiKeyError,
     "AccessDenied": AccessDeniedError,
     "AccessDenied.Unpurchased": AccessDeniedError,
-    "Workspace.AccessDenied": AccessDeniedError,
+    "Workspace.AccessDenied": WorkspaceAccessDeniedError,
     "Model.AccessDenied": AccessDeniedError,
     "InvalidParameter": InvalidParameterError,
     "BadRequest.EmptyInput": InvalidParameterError,
@@ -279,7 +300,10 @@ _CODE_CLASSES: dict[str, type[APIError]] = {
     "DataInspectionFailed": DataInspectionFailedError,
     "UnsupportedOperation": UnsupportedOperationError,
     "ModelNotFound": NotFoundError,
-    "WorkSpaceNotFound": NotFoundError,
+    "WorkSpaceNotFound": WorkspaceNotFoundError,
+    # The table's spelling is "WorkSpace"; take the other one too rather than fall back to a
+    # bare 404 (inferred: the gateway's spelling was not observed).
+    "WorkspaceNotFound": WorkspaceNotFoundError,
     "Throttling": RateLimitError,
     "Throttling.RateQuota": RateLimitError,
     "LimitRequests": RateLimitError,

@@ -12,12 +12,14 @@ a task may exist, and only the task list can tell.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as _dt
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from types import SimpleNamespace
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType, SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,7 +27,7 @@ import aiohttp
 import anyio
 import attrs
 
-from ._config import RetryPolicy, Timeouts
+from ._config import WORKSPACE_HEADER, RetryPolicy, Timeouts
 from ._exceptions import (
     AmbiguousSubmitError,
     APIError,
@@ -39,7 +41,9 @@ from ._ratelimit import AdaptiveRateLimiter
 
 __all__ = [
     "ApiResponse",
+    "CallOptions",
     "HttpCore",
+    "call_options",
     "env_proxy",
     "is_loopback_host",
     "make_trace_config",
@@ -100,6 +104,59 @@ def make_trace_config() -> aiohttp.TraceConfig:
     tc = aiohttp.TraceConfig()
     tc.on_request_headers_sent.append(_sent)
     return tc
+
+
+@attrs.frozen
+class CallOptions:
+    """Options of one single call (``client.get_task(..., timeout=5)``), for every API request
+    the call makes.
+
+    Attributes:
+        timeout: Seconds allowed for each API request of the call, body included (replaces
+            ``Timeouts.total``; connect and read are capped to it). None: the client's.
+        extra_headers: Headers added to each API request of the call (never to the upload
+            host); they win over the client's own, except ``Authorization``, which they may
+            not name.
+    """
+
+    timeout: float | None = None
+    extra_headers: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
+
+
+_NO_OPTIONS = CallOptions()
+# A context variable rather than a parameter threaded through every helper: a call's requests
+# may be made by collaborators (the uploader fetches its policy) that know nothing of options.
+_options: contextvars.ContextVar[CallOptions] = contextvars.ContextVar(
+    "emo_async_call_options", default=_NO_OPTIONS
+)
+
+
+@contextmanager
+def call_options(
+    timeout: float | None = None, extra_headers: Mapping[str, str] | None = None
+) -> Iterator[None]:
+    """Apply per-call options to the API requests made inside the block (this task only).
+
+    Raises:
+        ValueError: ``extra_headers`` names ``Authorization``, or a bad ``timeout``.
+    """
+    if timeout is None and not extra_headers:
+        yield
+        return
+    if timeout is not None and not (timeout > 0 and timeout != float("inf")):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    headers: dict[str, str] = {}
+    for name, value in (extra_headers or {}).items():
+        if name.strip().lower() == "authorization":
+            raise ValueError("extra_headers may not set Authorization: pass api_key= instead")
+        if any(c in "\r\n" for c in f"{name}{value}"):
+            raise ValueError(f"extra_headers: header {name!r} holds a line break")
+        headers[name] = str(value)
+    token = _options.set(CallOptions(timeout, MappingProxyType(headers)))
+    try:
+        yield
+    finally:
+        _options.reset(token)
 
 
 class _SendState:
@@ -171,6 +228,7 @@ class HttpCore:
         retry: RetryPolicy,
         limiters: Mapping[str, AdaptiveRateLimiter],
         user_agent: str,
+        workspace: str | None = None,
     ) -> None:
         self._session = session
         self._billed_session = billed_session or session
@@ -187,6 +245,7 @@ class HttpCore:
         # The upload host is another failure domain: its outage must not spend the API's budget.
         self._external_budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
         self._ua = user_agent
+        self._workspace = workspace
         self.stats = HttpStatistics()
         #: Requests to hosts other than the API (uploads); not part of the API's statistics.
         self.external_stats = HttpStatistics()
@@ -195,9 +254,13 @@ class HttpCore:
     def base_url(self) -> str:
         return self._base
 
-    def _timeout(self) -> aiohttp.ClientTimeout:
+    def _timeout(self, total: float | None) -> aiohttp.ClientTimeout:
         t = self._timeouts
-        return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
+        if total is None:
+            return aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect, sock_read=t.read)
+        return aiohttp.ClientTimeout(
+            total=total, sock_connect=min(t.connect, total), sock_read=min(t.read, total)
+        )
 
     async def request(
         self,
@@ -218,18 +281,27 @@ class HttpCore:
             TransportError: no answer (after retries).
         """
         url = self._base + path
+        options = _options.get()
         hdrs = {
-            "Authorization": f"Bearer {self._key}",
             "Accept": "application/json",
             "User-Agent": self._ua,
         }
+        if self._workspace is not None:
+            # A workspace key needs it on every API request, the task queries included.
+            hdrs[WORKSPACE_HEADER] = self._workspace
         if json_body is not None:
             hdrs["Content-Type"] = "application/json"
         if headers:
             hdrs.update(headers)
+        for name, value in options.extra_headers.items():
+            # The caller's spelling of a header replaces ours whatever its case.
+            for ours in [h for h in hdrs if h.lower() == name.lower()]:
+                del hdrs[ours]
+            hdrs[name] = value
+        hdrs["Authorization"] = f"Bearer {self._key}"
         data = json.dumps(json_body, separators=(",", ":")) if json_body is not None else None
         session = self._billed_session if billed else self._session
-        timeout = self._timeout()
+        timeout = self._timeout(options.timeout)
         what = f"{method} {path}"
 
         async def send(state: _SendState) -> ApiResponse:
@@ -292,7 +364,12 @@ class HttpCore:
             self._external_proxies[origin] = env_proxy(url)
         proxy = self._external_proxies[origin]
         t = self._external_timeouts
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.read)
+        total = _options.get().timeout
+        timeout = aiohttp.ClientTimeout(
+            total=total,
+            sock_connect=t.connect if total is None else min(t.connect, total),
+            sock_read=t.read if total is None else min(t.read, total),
+        )
 
         async def send(state: _SendState) -> ApiResponse:
             data, headers = prepare()

@@ -11,6 +11,7 @@ import enum
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
 import attrs
@@ -178,6 +179,18 @@ class Detection:
         )
 
 
+def _empty_raw() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+def _read_only(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    # A view, not a copy: the body was parsed for this answer alone, and the poller reads
+    # many of them.
+    if isinstance(value, MappingProxyType):
+        return value
+    return MappingProxyType(value if isinstance(value, dict) else dict(value))
+
+
 @attrs.frozen
 class Task:
     """The server's snapshot of one emo-v1 task.
@@ -191,6 +204,9 @@ class Task:
         submit_time, scheduled_time, end_time: Server times (timezone-aware).
         code, message: The failure reason when FAILED.
         request_id: Request id of the answer this snapshot came from.
+        raw: The whole JSON body this snapshot was read from, read-only (for fields this
+            record does not model); empty for a Task made by hand. Not part of equality or
+            repr: two snapshots that say the same are equal whatever else the bodies held.
     """
 
     task_id: str
@@ -204,6 +220,9 @@ class Task:
     code: str | None = None
     message: str | None = None
     request_id: str | None = None
+    raw: Mapping[str, Any] = attrs.field(
+        factory=_empty_raw, converter=_read_only, eq=False, repr=False, kw_only=True
+    )
 
     @property
     def is_terminal(self) -> bool:
@@ -254,6 +273,7 @@ class Task:
             code=output.get("code"),
             message=output.get("message"),
             request_id=body.get("request_id"),
+            raw=body,
         )
 
 

@@ -141,3 +141,50 @@ class TestLifecycle:
         # anyio's placeholder for the abstract method is not what a user should read.
         assert "Implement your async context manager logic here" not in text
         assert "Open the client" in text
+
+
+class TestTracing:
+    """``trace_configs=`` sees every API request (billed ones included), and nothing else."""
+
+    async def test_a_trace_config_sees_the_api_requests(self, tmp_path: Path) -> None:
+        from types import SimpleNamespace
+
+        import aiohttp
+
+        from emo_async import PollPolicy
+        from emo_async._samples import make_portrait, make_voice_wav
+
+        seen: list[tuple[str, str, int]] = []
+
+        async def on_end(
+            session: aiohttp.ClientSession,
+            ctx: SimpleNamespace,
+            params: aiohttp.TraceRequestEndParams,
+        ) -> None:
+            seen.append((params.method, params.url.path, params.response.status))
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_end.append(on_end)
+        image = make_portrait(tmp_path / "me.jpg", size=(600, 800))
+        audio = make_voice_wav(tmp_path / "hi.wav", 2.0)
+        config = SimulatorConfig(time_scale=0.002, policy_ttl=1e7, task_qps=50.0)
+        async with Simulator(config) as sim:
+            client = Client(
+                sim.api_key,
+                base_url=sim.base_url,
+                trace_configs=[trace],
+                poll=PollPolicy(target_delay=0.05, use_list=False),
+                limits=Limits(task_qps=40, detect_qps=40),
+            )
+            async with client:
+                outcome = await client.generate(image, audio, tmp_path / "out.mp4")
+            assert outcome.ok
+            api = [r for r in sim.ledger.requests if r.role == "api"]
+            assert len(api) >= 4
+            assert len(sim.ledger.requests) > len(api)  # uploads and the download happened
+        # Exactly the API requests (uploads run concurrently: order aside), the billed submit
+        # among them.
+        assert sorted((m, p) for m, p, _ in seen) == sorted((r.method, r.path) for r in api)
+        assert ("POST", "/api/v1/services/aigc/image2video/video-synthesis/") in {
+            (m, p) for m, p, _ in seen
+        }

@@ -108,6 +108,8 @@ ERROR_TABLE = [
     (403, "AccessDenied", emo_async.AccessDeniedError),
     (403, "Model.AccessDenied", emo_async.AccessDeniedError),
     (404, "ModelNotFound", emo_async.NotFoundError),
+    (403, "Workspace.AccessDenied", emo_async.WorkspaceAccessDeniedError),
+    (404, "WorkSpaceNotFound", emo_async.WorkspaceNotFoundError),
     (429, "Throttling.AllocationQuota", emo_async.QuotaExhaustedError),
     (429, "PrepaidBillOverdue", emo_async.QuotaExhaustedError),
     (429, "CommodityNotPurchased", emo_async.QuotaExhaustedError),
@@ -462,6 +464,93 @@ class TestDetectionCache:
         assert det.check_pass
         assert det is again
         assert scripted.count("face-detect") == 2
+
+
+class TestPerCallOptions:
+    """``timeout=`` and ``extra_headers=`` on the single calls, and ``Task.raw``."""
+
+    async def test_extra_headers_reach_the_server(self, scripted: Scripted) -> None:
+        seen: list[dict[str, str]] = []
+
+        def script(r: web.Request, n: int) -> web.StreamResponse | None:
+            seen.append(dict(r.headers))
+            return None
+
+        scripted.script = script
+        async with make_client(scripted) as client:
+            await client.get_task("t1", extra_headers={"X-Trace-Id": "abc"})
+            await client.cancel_task("t1", extra_headers={"X-Trace-Id": "def"})
+            await client.get_task("t1")
+        assert [h.get("X-Trace-Id") for h in seen] == ["abc", "def", None]
+        assert all(h["Authorization"] == f"Bearer {KEY}" for h in seen)
+
+    @pytest.mark.parametrize("name", ["Authorization", "authorization", " AUTHORIZATION"])
+    async def test_authorization_cannot_be_overridden(self, scripted: Scripted, name: str) -> None:
+        bad = {name: "Bearer sk-other"}
+        async with make_client(scripted) as client:
+            with pytest.raises(ValueError, match="Authorization"):
+                await client.get_task("t1", extra_headers=bad)
+            with pytest.raises(ValueError, match="Authorization"):
+                await client.submit(
+                    "https://x/i.png",
+                    "https://x/a.wav",
+                    face_bbox=TestBilledSubmit.BOX,
+                    ext_bbox=TestBilledSubmit.BOX,
+                    extra_headers=bad,
+                )
+            with pytest.raises(ValueError, match="Authorization"):
+                await client.detect("https://x/i.png", extra_headers=bad)
+            with pytest.raises(ValueError, match="Authorization"):
+                await client.list_page(extra_headers=bad)
+            with pytest.raises(ValueError, match="Authorization"):
+                async for _ in client.list_tasks(extra_headers=bad):
+                    pass
+            with pytest.raises(ValueError, match="Authorization"):
+                await client.cancel_task("t1", extra_headers=bad)
+        assert scripted.arrivals == []
+
+    async def test_timeout_bounds_the_request(self, scripted: Scripted) -> None:
+        # /slow/ answers after 2 s; the client's own total is 120 s.
+        client = Client(
+            KEY,
+            base_url=str(scripted.server.make_url("/slow/api/v1")),
+            retry=RetryPolicy(attempts=1),
+        )
+        async with client:
+            started = time.monotonic()
+            with pytest.raises(emo_async.RequestTimeoutError):
+                await client.get_task("t1", timeout=0.3)
+            assert time.monotonic() - started < 1.5
+            # Without the option the same request waits for its answer.
+            task = await client.get_task("t1")
+        assert task.status == emo_async.TaskStatus.RUNNING
+
+    @pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan")])
+    async def test_bad_timeouts_refused(self, scripted: Scripted, bad: float) -> None:
+        async with make_client(scripted) as client:
+            with pytest.raises(ValueError, match="timeout"):
+                await client.get_task("t1", timeout=bad)
+        assert scripted.arrivals == []
+
+    async def test_task_raw_is_the_whole_body_read_only(self, scripted: Scripted) -> None:
+        body = {
+            "request_id": "r9",
+            "output": {"task_id": "t1", "task_status": "RUNNING", "future_field": [1, 2]},
+            "usage": {"video_duration": 3.5},
+            "extra": "kept",
+        }
+        scripted.script = lambda r, n: web.json_response(body)
+        async with make_client(scripted) as client:
+            task = await client.get_task("t1")
+            again = await client.get_task("t1")
+        assert dict(task.raw) == body
+        assert task.raw["output"]["future_field"] == [1, 2]
+        with pytest.raises(TypeError):
+            task.raw["extra"] = "changed"  # type: ignore[index]
+        # Not part of equality nor repr (the repr would otherwise grow with every body).
+        assert task == attrs.evolve(again, raw={})
+        assert "kept" not in repr(task)
+        assert emo_async.Task("t1", emo_async.TaskStatus.RUNNING).raw == {}
 
 
 class TestClientSetup:

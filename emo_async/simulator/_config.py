@@ -172,6 +172,12 @@ class SimulatorConfig:
         fetch_timeout: Real seconds allowed to download one input.
         media_bandwidth: Bytes per real second of each result download (None = as fast as the
             machine goes), to play a real link: OSS to a client rarely exceeds 1 Gbit/s.
+        workspace: The workspace the keys belong to (None = not checked). When set, every API
+            request must carry ``X-DashScope-WorkSpace`` with this id: without the header it
+            gets 403 ``Workspace.AccessDenied`` (the request falls in the account's default
+            workspace, which a workspace key may not use), with another id 404
+            ``WorkSpaceNotFound`` (no workspace of the account has it). The upload and media
+            hosts never check it, as OSS does not.
     """
 
     api_keys: frozenset[str] = attrs.field(
@@ -204,6 +210,12 @@ class SimulatorConfig:
     content_rules: Mapping[str, str] = attrs.field(factory=dict, converter=_content_rules)
     fetch_timeout: float = attrs.field(default=30.0, validator=attrs.validators.gt(0.0))
     media_bandwidth: float | None = attrs.field(default=None, validator=_optional_rate)
+    workspace: str | None = attrs.field(default=None)
+
+    @workspace.validator
+    def _check_workspace(self, _attribute: attrs.Attribute[str | None], value: object) -> None:
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"workspace must be a non-empty string or None, got {value!r}")
 
     def qps(self, endpoint: str) -> float | None:
         """The configured rate limit of an endpoint (None = unlimited)."""

@@ -22,6 +22,11 @@ MEDIA_PATH: Final = re.compile(r"^/results/(?P<task_id>[^/]+)\.mp4$")
 _TASK_PATH: Final = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)$")
 _CANCEL_PATH: Final = re.compile(r"^/api/v1/tasks/(?P<task_id>[^/]+)/cancel$")
 
+WORKSPACE_HEADER: Final = "X-DashScope-WorkSpace"
+# Our wording: the general error table names the codes, not these messages.
+_WORKSPACE_DENIED: Final = "You do not have access to the workspace of this request."
+_WORKSPACE_NOT_FOUND: Final = "The workspace specified by X-DashScope-WorkSpace does not exist."
+
 
 def classify(method: str, path: str) -> tuple[str, str]:
     """(role, endpoint) a request path belongs to; endpoint ``"other"`` if none."""
@@ -144,6 +149,7 @@ class Middleware:
                 raise ApiError(404, "NoSuchKey", "The specified key does not exist.")
             if role == "api":
                 self._authenticate(request)
+                self._check_workspace(request)
                 bucket = state.buckets.get(endpoint)
                 if bucket is not None and not bucket.take():
                     raise self._throttle()
@@ -176,6 +182,17 @@ class Middleware:
                     exc.reason,
                 ),
             )
+
+    def _check_workspace(self, request: web.Request) -> None:
+        expected = self._state.config.workspace
+        if expected is None:
+            return
+        # Header names are case-insensitive; the id is compared exactly (inferred).
+        sent = request.headers.get(WORKSPACE_HEADER, "").strip()
+        if not sent:
+            raise ApiError(403, "Workspace.AccessDenied", _WORKSPACE_DENIED)
+        if sent != expected:
+            raise ApiError(404, "WorkSpaceNotFound", _WORKSPACE_NOT_FOUND)
 
     def _authenticate(self, request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
