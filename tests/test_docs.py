@@ -270,7 +270,7 @@ class TestReference:
         """Each command ``emo-async --help`` lists has its help on the CLI page."""
         sys.path.insert(0, str(DOCS / "_hooks"))
         try:
-            from cli_help import help_text  # type: ignore[import-not-found]
+            from generated import help_text  # type: ignore[import-not-found]
         finally:
             sys.path.remove(str(DOCS / "_hooks"))
         top = help_text(None)
