@@ -22,6 +22,7 @@ from emo_async._media import (
     AudioInfo,
     ImageInfo,
     MediaProbeError,
+    _prepare,
     check_audio,
     check_boxes,
     check_image,
@@ -583,13 +584,14 @@ class TestValidateJob:
         # The hash waits until the loop has ticked 5 times: if validate_job ran it on the loop,
         # the ticker could not tick and the wait would give up.
         released = threading.Event()
-        real = _media._hash_file
+        # Patched where the prober looks it up.
+        real = _prepare._hash_file
 
         def gated_hash(path: str | os.PathLike[str], keep: int) -> tuple[str, bytes | None]:
             assert released.wait(10), "the event loop did not tick while a file was hashed"
             return real(path, keep)
 
-        monkeypatch.setattr(_media, "_hash_file", gated_hash)
+        monkeypatch.setattr(_prepare, "_hash_file", gated_hash)
         ticks = 0
 
         async def ticker() -> None:
@@ -757,13 +759,13 @@ class TestEstimate:
         self, monkeypatch: pytest.MonkeyPatch, portrait: Path, voice: Path
     ) -> None:
         calls: list[Path] = []
-        real = _media.probe_image
+        real = _prepare.probe_image
 
         def counting(path: str | os.PathLike[str]) -> ImageInfo:
             calls.append(Path(path))
             return real(path)
 
-        monkeypatch.setattr(_media, "probe_image", counting)
+        monkeypatch.setattr(_prepare, "probe_image", counting)
         result = await estimate([Job(portrait, voice, name=f"j{i}") for i in range(20)])
         assert result.valid == 20
         assert result.billed_seconds == pytest.approx(30.0)
