@@ -55,8 +55,10 @@ class _Transfer(_PartFile):
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> DownloadResult:
-        await self._prepare()
         try:
+            # Inside the try: a failure or a cancellation after the .part was opened (its
+            # truncation, the sidecar, the rehash) must still close it.
+            await self._prepare()
             await self._transfer()
             return await self._finish()
         finally:
