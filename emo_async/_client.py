@@ -1,4 +1,9 @@
-"""The client: one connection pool, the limiters, the shared poller, the downloader."""
+"""The client: one connection pool, the limiters, the shared poller, the downloader.
+
+:class:`Client` holds the lifecycle (sessions, poller, downloader, task group), the caches and
+the statistics; its calls come from :mod:`._calls` and its conveniences from
+:mod:`._conveniences`, and its configuration from :mod:`._settings`.
+"""
 
 from __future__ import annotations
 
@@ -6,91 +11,47 @@ import datetime as _dt
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Self
 
 import aiohttp
 import anyio
 import attrs
 from anyio import AsyncContextManagerMixin
 
+from ._calloptions import call_options
 from ._config import (
     DEFAULT_DOWNLOAD_TIMEOUTS,
     DEFAULT_LIMITS,
-    DEFAULT_MAX_LIST_PAGES,
     DEFAULT_POLL_POLICY,
-    DETECT_MODEL,
     EMO_MODEL,
-    RESULT_URL_VALIDITY,
     Limits,
     PollPolicy,
     RetryPolicy,
     Timeouts,
-    resolve_settings,
 )
-from ._download import url_deadline
-from ._exceptions import (
-    AmbiguousSubmitError,
-    ClientClosedError,
-    JobCancelledError,
-    JobFailedError,
-)
-from ._http import (
-    HttpCore,
-    call_options,
-    env_proxy,
-    is_loopback_host,
-    make_trace_config,
-    origin_of,
-)
-from ._models import (
-    SERVER_TZ,
-    BBox,
-    Detection,
-    Outcome,
-    Task,
-    TaskListItem,
-    TaskPage,
-    TaskStatus,
-)
+from ._conveniences import Conveniences
+from ._exceptions import ClientClosedError
+from ._http import HttpCore
+from ._models import Detection
+from ._net import env_proxy, make_trace_config, origin_of
 from ._owned import OwnedTasks, account_registry
 from ._poller import PollerStatistics, StatusPoller
 from ._ratelimit import AdaptiveRateLimiter, RateLimiterStatistics
+from ._settings import resolve_settings
 from ._singleflight import SingleFlight
 from ._upload import Uploader
 from ._util import single_error
 from ._version import __version__
 
 if TYPE_CHECKING:
-    from ._batch import BatchEvent, BatchPolicy, BatchRun, ReconcilePolicy
-    from ._download import Downloader, DownloadResult
-    from ._journal import Journal
-    from ._models import Job
+    from ._download import Downloader
 
 __all__ = ["Client", "ClientStatistics"]
 
 logger = logging.getLogger("emo_async")
-
-_SUBMIT_PATH = "/services/aigc/image2video/video-synthesis/"
-_DETECT_PATH = "/services/aigc/image2video/face-detect"
-_STYLES = ("normal", "calm", "active")
-
-
-def _check_base_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL, got {url!r}")
-    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-        raise ValueError(
-            "base_url uses plain http:// to a non-loopback host; the API key would travel "
-            f"unencrypted. Use https:// (got host {parts.hostname!r})."
-        )
-    if parts.username or parts.password:
-        raise ValueError("base_url must not carry credentials")
-    return url.rstrip("/")
 
 
 @attrs.frozen
@@ -116,7 +77,7 @@ class ClientStatistics:
     poller: PollerStatistics
 
 
-class Client(AsyncContextManagerMixin):
+class Client(Conveniences, AsyncContextManagerMixin):
     """An asyncio client for DashScope's EMO models.
 
     Use it as an async context manager; it owns one connection pool, the rate limiters, one
@@ -193,7 +154,7 @@ class Client(AsyncContextManagerMixin):
             retry=retry,
         )
         self.__key = settings.api_key
-        self.base_url = _check_base_url(settings.base_url)
+        self.base_url = settings.base_url
         #: The workspace id sent with every API request, or None.
         self.workspace = settings.workspace
         self.timeouts = settings.timeouts
@@ -390,282 +351,6 @@ class Client(AsyncContextManagerMixin):
             else PollerStatistics(0, 0, 0, 0, self.poll_policy.use_list),
         )
 
-    # -- single calls ------------------------------------------------------------------------
-
-    @staticmethod
-    def _oss_headers(*urls: str) -> dict[str, str]:
-        if any(u.startswith("oss://") for u in urls):
-            return {"X-DashScope-OssResourceResolve": "enable"}
-        return {}
-
-    async def detect(
-        self,
-        image_url: str,
-        *,
-        ratio: str = "1:1",
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> Detection:
-        """Run emo-detect-v1 on a portrait URL (``http(s)://`` or ``oss://``).
-
-        Returns the answer whatever ``check_pass`` says; the batch turns a failed check into
-        :class:`DetectionRejectedError`.
-        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
-        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
-        added to them (never ``Authorization``: ``ValueError``).
-        """
-        if ratio not in ("1:1", "3:4"):
-            raise ValueError(f"ratio must be '1:1' or '3:4', got {ratio!r}")
-        with call_options(timeout, extra_headers):
-            resp = await self._core().request(
-                "POST",
-                _DETECT_PATH,
-                family="detect",
-                json_body={
-                    "model": DETECT_MODEL,
-                    "input": {"image_url": image_url},
-                    "parameters": {"ratio": ratio},
-                },
-                headers=self._oss_headers(image_url),
-            )
-        return Detection.from_json(resp.body, ratio=ratio)  # type: ignore[arg-type]
-
-    async def submit(
-        self,
-        image_url: str,
-        audio_url: str,
-        *,
-        face_bbox: BBox | Iterable[int],
-        ext_bbox: BBox | Iterable[int],
-        style_level: str = "normal",
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> Task:
-        """Create an emo-v1 task (billed). Sent at most once.
-
-        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
-        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
-        added to them (never ``Authorization``: ``ValueError``).
-
-        Raises:
-            AmbiguousSubmitError: the request went out but no answer came back; a task may
-                exist. It is never resent blindly: see :meth:`find_submitted_tasks`.
-        """
-        if style_level not in _STYLES:
-            raise ValueError(f"style_level must be one of {_STYLES}, got {style_level!r}")
-        body = {
-            "model": EMO_MODEL,
-            "input": {
-                "image_url": image_url,
-                "audio_url": audio_url,
-                "face_bbox": list(face_bbox),
-                "ext_bbox": list(ext_bbox),
-            },
-            "parameters": {"style_level": style_level},
-        }
-        headers = {"X-DashScope-Async": "enable", **self._oss_headers(image_url, audio_url)}
-        sent_at = _dt.datetime.now(_dt.UTC)
-        # Once the POST is out, its answer is money: a cancellation waits for it (bounded by
-        # the request's timeouts), so the task id is recorded and the caller can be told.
-        with anyio.CancelScope(shield=True), call_options(timeout, extra_headers):
-            resp = await self._core().request(
-                "POST", _SUBMIT_PATH, family="submit", json_body=body, headers=headers, billed=True
-            )
-            task = Task.from_json(resp.body)
-            if task.task_id:
-                self.owned.add(task.task_id, sent_at=sent_at, answered_at=_dt.datetime.now(_dt.UTC))
-        if not task.task_id:
-            # A success without an id: a task may well exist. Reconcile, never resend blindly.
-            now = _dt.datetime.now(_dt.UTC)
-            raise AmbiguousSubmitError(
-                f"the submit answer (request_id={resp.request_id}) carries no task id",
-                sent_at=now - _dt.timedelta(seconds=timeout or self.timeouts.total or 120.0),
-                failed_at=now,
-            )
-        logger.info("submitted task %s (request_id=%s)", task.task_id, resp.request_id)
-        return task
-
-    async def get_task(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> Task:
-        """One ``GET /tasks/{task_id}`` (counts against the task-query limit).
-
-        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
-        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
-        added to them (never ``Authorization``: ``ValueError``).
-        """
-        _check_task_id(task_id)
-        with call_options(timeout, extra_headers):
-            resp = await self._core().request("GET", f"/tasks/{task_id}", family="task")
-        task = Task.from_json(resp.body)
-        if not task.task_id:
-            task = attrs.evolve(task, task_id=task_id)
-        return task
-
-    async def cancel_task(
-        self,
-        task_id: str,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> Task:
-        """Cancel a task that is still PENDING (DashScope cancels nothing else).
-
-        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
-        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
-        added to them (never ``Authorization``: ``ValueError``).
-        """
-        _check_task_id(task_id)
-        with call_options(timeout, extra_headers):
-            resp = await self._core().request("POST", f"/tasks/{task_id}/cancel", family="cancel")
-        task = Task.from_json(resp.body)
-        if not task.task_id:
-            task = Task(
-                task_id=task_id,
-                status=TaskStatus.CANCELED,
-                request_id=resp.request_id,
-                raw=resp.body,
-            )
-        return task
-
-    async def list_page(
-        self,
-        page_no: int = 1,
-        *,
-        page_size: int = 100,
-        start_time: _dt.datetime | None = None,
-        end_time: _dt.datetime | None = None,
-        status: str | None = None,
-        model_name: str | None = EMO_MODEL,
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> TaskPage:
-        """One page of ``GET /tasks`` (newest first, as DashScope serves it).
-
-        ``timeout`` (seconds) bounds each API request of the call, body included, in place of
-        ``Timeouts.total`` (retries are governed by the retry policy); ``extra_headers`` are
-        added to them (never ``Authorization``: ``ValueError``).
-        """
-        params: dict[str, str] = {"page_no": str(page_no), "page_size": str(page_size)}
-        if start_time is not None:
-            params["start_time"] = _server_stamp(start_time)
-        if end_time is not None:
-            params["end_time"] = _server_stamp(end_time)
-        if status:
-            params["status"] = status
-        if model_name:
-            params["model_name"] = model_name
-        # A page counts against the list's own (undocumented) limit and the task queries'.
-        with call_options(timeout, extra_headers):
-            await self._limiters["list"].acquire()
-            resp = await self._core().request("GET", "/tasks", family="task", params=params)
-        if self._poller is not None:
-            self._poller.note_list_page()
-        body = resp.body
-        data = body.get("data")
-        if data is None and isinstance(body.get("output"), Mapping):
-            data = body["output"].get("data")
-        items = tuple(
-            TaskListItem.from_json(item)
-            for item in (data if isinstance(data, list) else [])
-            if isinstance(item, Mapping)
-        )
-        return TaskPage(
-            items=items,
-            page_no=page_no,
-            page_size=_as_int(body.get("page_size")) or page_size,
-            total_page=_as_int(body.get("total_page")),
-            total=_as_int(body.get("total")),
-        )
-
-    async def list_tasks(
-        self,
-        *,
-        start_time: _dt.datetime | None = None,
-        end_time: _dt.datetime | None = None,
-        status: str | None = None,
-        model_name: str | None = EMO_MODEL,
-        page_size: int = 100,
-        max_pages: int | None = DEFAULT_MAX_LIST_PAGES,
-        timeout: float | None = None,  # noqa: ASYNC109 - one request's own limit, as httpx's
-        extra_headers: Mapping[str, str] | None = None,
-    ) -> AsyncIterator[TaskListItem]:
-        """Iterate over ``GET /tasks``, page by page (newest first), at most ``max_pages``.
-
-        Paging ends at ``total_page``, at a short or empty page, or when a page repeats the one
-        before (a list that ignores ``page_no`` would otherwise be paged forever).
-        ``timeout`` and ``extra_headers`` apply to each page's request (see
-        :meth:`list_page`).
-        """
-        # Refused at the first iteration, before the first page's request is made.
-        with call_options(timeout, extra_headers):
-            pass
-        page = 1
-        previous: tuple[str, ...] | None = None
-        while max_pages is None or page <= max_pages:
-            got = await self.list_page(
-                page,
-                page_size=page_size,
-                start_time=start_time,
-                end_time=end_time,
-                status=status,
-                model_name=model_name,
-                timeout=timeout,
-                extra_headers=extra_headers,
-            )
-            ids = tuple(i.task_id for i in got.items)
-            if ids and ids == previous:
-                logger.warning("the task list repeats page %d: it ignores page_no", page - 1)
-                return
-            previous = ids
-            for item in got.items:
-                yield item
-            if got.is_last:
-                return
-            page += 1
-
-    def _sweep_pages(self, max_pages: int) -> AsyncIterator[TaskListItem]:
-        return self.list_tasks(page_size=self.poll_policy.list_page_size, max_pages=max_pages)
-
-    async def find_submitted_tasks(
-        self,
-        sent_at: _dt.datetime,
-        failed_at: _dt.datetime,
-        *,
-        exclude: Iterable[str] = (),
-        margin: float = 30.0,
-    ) -> list[TaskListItem]:
-        """Tasks created between ``sent_at`` and ``failed_at`` (± ``margin`` seconds, for clock
-        skew between us and the server) that are not in ``exclude``: the candidates for an
-        ambiguous submit."""
-        lo = sent_at - _dt.timedelta(seconds=margin)
-        hi = failed_at + _dt.timedelta(seconds=margin)
-        skip = set(exclude)
-        found: list[TaskListItem] = []
-        # The list filters by whole seconds; widen by one and filter precisely here.
-        async for item in self.list_tasks(
-            start_time=lo - _dt.timedelta(seconds=1), end_time=hi + _dt.timedelta(seconds=1)
-        ):
-            if item.task_id in skip:
-                continue
-            if item.created_at is not None and not (lo <= item.created_at <= hi):
-                continue
-            found.append(item)
-        return found
-
-    async def wait(self, task_id: str, *, audio_seconds: float | None = None) -> Task:
-        """Wait until the task is finished, through the shared poller.
-
-        Returns the final snapshot whatever the outcome (check ``task.succeeded``). Takes no
-        timeout: wrap it in ``anyio.fail_after`` for one.
-        """
-        _check_task_id(task_id)
-        return await self.poller.wait(task_id, audio_seconds=audio_seconds)
-
     # -- uploads -----------------------------------------------------------------------------
 
     async def upload(
@@ -722,141 +407,6 @@ class Client(AsyncContextManagerMixin):
         """Seed the detection cache (e.g. from a journal)."""
         self._detections.put((digest, ratio), detection)
 
-    # -- downloads, one-call generation and batches -------------------------------------------
-
-    async def download(
-        self,
-        task_or_url: Task | str,
-        dest: str | os.PathLike[str],
-        *,
-        deadline: _dt.datetime | None = None,
-    ) -> DownloadResult:
-        """Stream a result video to ``dest`` (atomically: ``dest`` holds a complete, verified
-        file or nothing). Never sends the API key to the video host."""
-        if isinstance(task_or_url, Task):
-            if not task_or_url.video_url:
-                raise ValueError(f"task {task_or_url.task_id} has no video URL")
-            url = task_or_url.video_url
-            if deadline is None and url_deadline(url) is None and task_or_url.end_time:
-                # No Expires in the URL: DashScope keeps results 24 h after the task ends.
-                deadline = task_or_url.end_time + RESULT_URL_VALIDITY
-        else:
-            url = task_or_url
-        return await self.downloader.download(url, Path(dest), deadline=deadline)
-
-    async def generate(
-        self,
-        image: str | os.PathLike[str],
-        audio: str | os.PathLike[str],
-        dest: str | os.PathLike[str],
-        *,
-        style_level: str = "normal",
-        ratio: str | None = None,
-        face_bbox: BBox | None = None,
-        ext_bbox: BBox | None = None,
-    ) -> Outcome:
-        """Validate, upload, detect, submit, wait and download one video.
-
-        Returns an :class:`Outcome` (check ``outcome.ok``); raises :class:`InputError` or
-        :class:`DetectionRejectedError` before anything is billed.
-        """
-        from ._batch import run_one
-        from ._models import Job
-
-        job = Job(
-            image,
-            audio,
-            style_level=style_level,
-            ratio=ratio,
-            face_bbox=face_bbox,
-            ext_bbox=ext_bbox,
-            name=Path(dest).stem,
-        )
-        return await run_one(self, job, Path(dest))
-
-    def run_batch(
-        self,
-        jobs: Iterable[Job] | AsyncIterator[Job],
-        out_dir: str | os.PathLike[str],
-        *,
-        journal: str | os.PathLike[str] | Journal | bool | None = True,
-        max_tasks: int = 10,
-        submit_rate: float | None = None,
-        submit_concurrency: int = 1,
-        download_concurrency: int | None = None,
-        prepare_concurrency: int = 4,
-        reconcile: ReconcilePolicy | str = "reconcile",
-        cancel_pending_on_exit: bool = False,
-        rebill_expired: bool = False,
-        on_event: Callable[[BatchEvent], object] | None = None,
-        policy: BatchPolicy | None = None,
-    ) -> BatchRun:
-        """Run many jobs; an async context manager that yields outcomes as jobs finish.
-
-        ::
-
-            async with client.run_batch(jobs, "out/") as outcomes:
-                async for outcome in outcomes:
-                    print(outcome.job.display_name, outcome.state)
-
-        Args:
-            jobs: Jobs, from a list or a lazy (async) iterable; read as capacity frees up.
-            out_dir: Where videos go, as ``{name}.mp4``.
-            journal: ``True`` for ``<out_dir>/.emo-journal.sqlite3``, a path, an open
-                :class:`Journal`, or ``None``/``False`` for none (no resume).
-            max_tasks: Tasks open on the server at once (submitted, not finished).
-            submit_rate: Submits per second for this batch (default: the client's limit;
-                above it raises ``ValueError``: raise ``Limits.submit_qps`` instead).
-            submit_concurrency: Billed POSTs in flight at once.
-            download_concurrency: Downloads at once (default: the client's limit).
-            prepare_concurrency: Jobs validated, uploaded and detected at once.
-            reconcile: What to do with a submit whose answer was lost (see
-                :class:`ReconcilePolicy`): ``"reconcile"`` (adopt a task only on proof it is
-                this job's, send again only on proof none exists, else ``unresolved``),
-                ``"resubmit"`` (send again: may bill twice), or ``"fail"`` (``unresolved``).
-            cancel_pending_on_exit: On leaving early, cancel tasks still PENDING on the
-                server.
-            rebill_expired: Pay again for jobs whose paid video expired before it was saved.
-            on_event: Called with a :class:`BatchEvent` on every stage change.
-            policy: All of the above but ``journal`` and ``on_event`` as one
-                :class:`BatchPolicy` (it wins over the separate arguments).
-        """
-        from ._batch import BatchPolicy, BatchRun
-
-        if policy is None:
-            policy = BatchPolicy(
-                max_tasks=max_tasks,
-                submit_rate=submit_rate,
-                submit_concurrency=submit_concurrency,
-                download_concurrency=download_concurrency,
-                prepare_concurrency=prepare_concurrency,
-                reconcile=reconcile,
-                cancel_pending_on_exit=cancel_pending_on_exit,
-                rebill_expired=rebill_expired,
-            )
-        return BatchRun(
-            self, jobs, Path(out_dir), journal=journal, policy=policy, on_event=on_event
-        )
-
-    async def run_batch_all(
-        self,
-        jobs: Iterable[Job] | AsyncIterator[Job],
-        out_dir: str | os.PathLike[str],
-        **kwargs: Any,
-    ) -> list[Outcome]:
-        """:meth:`run_batch`, collected into a list (in completion order)."""
-        async with self.run_batch(jobs, out_dir, **kwargs) as outcomes:
-            return [o async for o in outcomes]
-
-    async def wait_outcome(self, task: Task, *, audio_seconds: float | None = None) -> Task:
-        """Wait for a task and raise if it did not succeed."""
-        final = await self.wait(task.task_id, audio_seconds=audio_seconds)
-        if final.status == TaskStatus.CANCELED:
-            raise JobCancelledError(f"task {final.task_id} was cancelled")
-        if not final.succeeded:
-            raise JobFailedError(final)
-        return final
-
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "open":
             warnings.warn(
@@ -864,21 +414,3 @@ class Client(AsyncContextManagerMixin):
                 ResourceWarning,
                 stacklevel=1,
             )
-
-
-def _check_task_id(task_id: str) -> None:
-    if not task_id or "/" in task_id or "?" in task_id or "#" in task_id or ".." in task_id:
-        raise ValueError(f"not a task id: {task_id!r}")
-
-
-def _server_stamp(when: _dt.datetime) -> str:
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=_dt.UTC)
-    return when.astimezone(SERVER_TZ).strftime("%Y%m%d%H%M%S")
-
-
-def _as_int(value: object) -> int | None:
-    try:
-        return int(value)  # type: ignore[call-overload, no-any-return]
-    except (TypeError, ValueError):
-        return None

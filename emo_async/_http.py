@@ -1,43 +1,25 @@
-"""The one request path to the DashScope API.
+"""The one request path to the DashScope API: :class:`HttpCore`.
 
-Auth header, per-phase timeouts, client-side rate limits, retries with full-jitter backoff, a
-retry budget, ``Retry-After``, and status → exception mapping all live here, once.
-
-Billed requests (the emo-v1 submit) follow a stricter rule: they are retried only when the
-request provably never reached the server — the connection failed before the request headers
-went out (seen through aiohttp's tracing hooks), or the server answered 429/503, which create
-nothing. Any other failure after the request was sent raises :class:`AmbiguousSubmitError`:
-a task may exist, and only the task list can tell.
+It adds the auth header and the per-phase timeouts, reads a capped body, and hands every
+request to the one retry loop (:mod:`._retry`); the answer is read by :mod:`._answers`.
+Requests to the upload host take the same path on a session that carries no key.
 """
 
 from __future__ import annotations
 
-import contextvars
-import datetime as _dt
 import json
-import logging
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
-from types import MappingProxyType, SimpleNamespace
+from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
-import anyio
-import attrs
 
+from ._answers import MAX_BODY, ApiResponse, api_answer
+from ._calloptions import CallOptions, call_options, current_call_options
 from ._config import WORKSPACE_HEADER, RetryPolicy, Timeouts
-from ._exceptions import (
-    AmbiguousSubmitError,
-    APIError,
-    RateLimitError,
-    RequestTimeoutError,
-    ServerError,
-    TransportError,
-    error_from_response,
-)
+from ._exceptions import RequestTimeoutError, TransportError
+from ._net import SendState, env_proxy, is_loopback_host, make_trace_config, origin_of
 from ._ratelimit import AdaptiveRateLimiter
+from ._retry import HttpStatistics, RetryBudget, with_retries
 
 __all__ = [
     "ApiResponse",
@@ -49,165 +31,6 @@ __all__ = [
     "make_trace_config",
     "origin_of",
 ]
-
-logger = logging.getLogger("emo_async")
-
-#: Error bodies and non-JSON bodies are cut to this many characters in messages.
-_MAX_TEXT = 500
-#: A JSON body larger than this is refused (a misbehaving server must not eat memory).
-_MAX_BODY = 8 * 1024 * 1024
-
-
-def origin_of(url: str) -> tuple[str, str, int]:
-    """(scheme, host, port) of a URL, with default ports filled in."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    port = parts.port or (443 if scheme == "https" else 80)
-    return scheme, (parts.hostname or "").lower(), port
-
-
-def env_proxy(url: str) -> str | None:
-    """The proxy the environment (``HTTPS_PROXY``, ``NO_PROXY``, ...) names for ``url``, read
-    once rather than on every request."""
-    import urllib.request
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if urllib.request.proxy_bypass(host) or is_loopback_host(host):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
-
-
-def is_loopback_host(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def make_trace_config() -> aiohttp.TraceConfig:
-    """Tracing that records, per request, whether its headers reached the wire."""
-
-    async def _sent(
-        session: aiohttp.ClientSession,
-        ctx: SimpleNamespace,
-        params: aiohttp.TraceRequestHeadersSentParams,
-    ) -> None:
-        req_ctx = getattr(ctx, "trace_request_ctx", None)
-        if isinstance(req_ctx, _SendState):
-            req_ctx.headers_sent = True
-
-    tc = aiohttp.TraceConfig()
-    tc.on_request_headers_sent.append(_sent)
-    return tc
-
-
-@attrs.frozen
-class CallOptions:
-    """Options of one single call (``client.get_task(..., timeout=5)``), for every API request
-    the call makes.
-
-    Attributes:
-        timeout: Seconds allowed for each API request of the call, body included (replaces
-            ``Timeouts.total``; connect and read are capped to it). None: the client's.
-        extra_headers: Headers added to each API request of the call (never to the upload
-            host); they win over the client's own, except ``Authorization``, which they may
-            not name.
-    """
-
-    timeout: float | None = None
-    extra_headers: Mapping[str, str] = attrs.field(factory=lambda: MappingProxyType({}))
-
-
-_NO_OPTIONS = CallOptions()
-# A context variable rather than a parameter threaded through every helper: a call's requests
-# may be made by collaborators (the uploader fetches its policy) that know nothing of options.
-_options: contextvars.ContextVar[CallOptions] = contextvars.ContextVar(
-    "emo_async_call_options", default=_NO_OPTIONS
-)
-
-
-@contextmanager
-def call_options(
-    timeout: float | None = None, extra_headers: Mapping[str, str] | None = None
-) -> Iterator[None]:
-    """Apply per-call options to the API requests made inside the block (this task only).
-
-    Raises:
-        ValueError: ``extra_headers`` names ``Authorization``, or a bad ``timeout``.
-    """
-    if timeout is None and not extra_headers:
-        yield
-        return
-    if timeout is not None and not (timeout > 0 and timeout != float("inf")):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    headers: dict[str, str] = {}
-    for name, value in (extra_headers or {}).items():
-        if name.strip().lower() == "authorization":
-            raise ValueError("extra_headers may not set Authorization: pass api_key= instead")
-        if any(c in "\r\n" for c in f"{name}{value}"):
-            raise ValueError(f"extra_headers: header {name!r} holds a line break")
-        headers[name] = str(value)
-    token = _options.set(CallOptions(timeout, MappingProxyType(headers)))
-    try:
-        yield
-    finally:
-        _options.reset(token)
-
-
-class _SendState:
-    __slots__ = ("headers_sent",)
-
-    def __init__(self) -> None:
-        self.headers_sent = False
-
-
-@attrs.frozen
-class ApiResponse:
-    """A successful answer: status, parsed JSON body and headers."""
-
-    status: int
-    body: Mapping[str, Any]
-    headers: Mapping[str, str] = attrs.field(repr=False)
-
-    @property
-    def request_id(self) -> str | None:
-        rid = self.body.get("request_id")
-        return str(rid) if rid else None
-
-
-class _RetryBudget:
-    """gRPC-style retry throttling: retries stop once the budget is half spent."""
-
-    def __init__(self, tokens: float | None, refill: float) -> None:
-        self._max = tokens
-        self._tokens = tokens or 0.0
-        self._refill = refill
-
-    def on_success(self) -> None:
-        if self._max is not None:
-            self._tokens = min(self._max, self._tokens + self._refill)
-
-    def try_spend(self) -> bool:
-        if self._max is None:
-            return True
-        if self._tokens - 1 < self._max / 2:
-            return False
-        self._tokens -= 1
-        return True
-
-
-@attrs.define
-class HttpStatistics:
-    requests: int = 0
-    retries: int = 0
-    throttled: int = 0
-    server_errors: int = 0
-    transport_errors: int = 0
 
 
 class HttpCore:
@@ -241,9 +64,9 @@ class HttpCore:
         self._external_timeouts = external_timeouts or timeouts
         self._retry = retry
         self._limiters = limiters
-        self._budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
+        self._budget = RetryBudget(retry.budget_tokens, retry.budget_refill)
         # The upload host is another failure domain: its outage must not spend the API's budget.
-        self._external_budget = _RetryBudget(retry.budget_tokens, retry.budget_refill)
+        self._external_budget = RetryBudget(retry.budget_tokens, retry.budget_refill)
         self._ua = user_agent
         self._workspace = workspace
         self.stats = HttpStatistics()
@@ -281,7 +104,7 @@ class HttpCore:
             TransportError: no answer (after retries).
         """
         url = self._base + path
-        options = _options.get()
+        options = current_call_options()
         hdrs = {
             "Accept": "application/json",
             "User-Agent": self._ua,
@@ -304,7 +127,7 @@ class HttpCore:
         timeout = self._timeout(options.timeout)
         what = f"{method} {path}"
 
-        async def send(state: _SendState) -> ApiResponse:
+        async def send(state: SendState) -> ApiResponse:
             status, raw, resp_headers = await self._exchange(
                 session,
                 method,
@@ -316,13 +139,14 @@ class HttpCore:
                 client_timeout=timeout,
                 proxy=self._proxy,
                 state=state,
-                limit=_MAX_BODY + 1,
+                limit=MAX_BODY + 1,
             )
-            return _api_answer(what, status, raw, resp_headers, billed=billed)
+            return api_answer(what, status, raw, resp_headers, billed=billed)
 
-        return await self._with_retries(
+        return await with_retries(
             send,
             what=what,
+            retry=self._retry,
             limiter=self._limiters[family],
             billed=billed,
             stats=self.stats,
@@ -364,14 +188,14 @@ class HttpCore:
             self._external_proxies[origin] = env_proxy(url)
         proxy = self._external_proxies[origin]
         t = self._external_timeouts
-        total = _options.get().timeout
+        total = current_call_options().timeout
         timeout = aiohttp.ClientTimeout(
             total=total,
             sock_connect=t.connect if total is None else min(t.connect, total),
             sock_read=t.read if total is None else min(t.read, total),
         )
 
-        async def send(state: _SendState) -> ApiResponse:
+        async def send(state: SendState) -> ApiResponse:
             data, headers = prepare()
             if any(name.lower() == "authorization" for name in headers):
                 raise ValueError(f"{what}: an external host never gets an Authorization header")
@@ -390,99 +214,15 @@ class HttpCore:
             )
             return interpret(status, raw, resp_headers)
 
-        return await self._with_retries(
+        return await with_retries(
             send,
             what=what,
+            retry=self._retry,
             limiter=None,
             billed=False,
             stats=self.external_stats,
             budget=self._external_budget,
         )
-
-    async def _with_retries(
-        self,
-        send: Callable[[_SendState], Awaitable[ApiResponse]],
-        *,
-        what: str,
-        limiter: AdaptiveRateLimiter | None,
-        billed: bool,
-        stats: HttpStatistics,
-        budget: _RetryBudget,
-    ) -> ApiResponse:
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            if limiter is not None:
-                await limiter.acquire()
-            state = _SendState()
-            sent_at = _dt.datetime.now(_dt.UTC)
-            stats.requests += 1
-            try:
-                result = await send(state)
-            except TransportError as exc:
-                stats.transport_errors += 1
-                if billed and state.headers_sent:
-                    raise AmbiguousSubmitError(
-                        f"{what}: the request was sent but no answer came back "
-                        f"({exc}); a task may have been created",
-                        sent_at=sent_at,
-                        failed_at=_dt.datetime.now(_dt.UTC),
-                    ) from exc
-                error: Exception = exc
-                retry_after = None
-            except APIError as exc:
-                if isinstance(exc, RateLimitError):
-                    stats.throttled += 1
-                    # The family pauses for Retry-After, but no longer than retry_after_max:
-                    # past that the error goes to the caller, and a pause of an hour would
-                    # silently hold every later request of the family.
-                    if limiter is not None:
-                        limiter.on_throttle(
-                            None
-                            if exc.retry_after is None
-                            else min(exc.retry_after, self._retry.retry_after_max)
-                        )
-                elif isinstance(exc, ServerError):
-                    stats.server_errors += 1
-                if billed and isinstance(exc, ServerError) and exc.status != 503:
-                    # A 500 on a billed POST does not prove nothing was created.
-                    raise AmbiguousSubmitError(
-                        f"{what}: the server failed after receiving the request "
-                        f"({exc}); a task may have been created",
-                        sent_at=sent_at,
-                        failed_at=_dt.datetime.now(_dt.UTC),
-                    ) from exc
-                if not exc.retryable:
-                    raise
-                error = exc
-                retry_after = exc.retry_after if isinstance(exc, RateLimitError) else None
-            else:
-                if limiter is not None:
-                    limiter.on_success()
-                budget.on_success()
-                return result
-
-            if retry_after is not None and retry_after > self._retry.retry_after_max:
-                raise error
-            wait = self._retry.backoff(attempt, retry_after=retry_after)
-            attempt += 1
-            elapsed = time.monotonic() - started
-            if (
-                attempt >= self._retry.attempts
-                or (self._retry.timeout is not None and elapsed + wait > self._retry.timeout)
-                or not budget.try_spend()
-            ):
-                raise error
-            stats.retries += 1
-            logger.info(
-                "retrying %s in %.2fs after %s (attempt %d of %d)",
-                what,
-                wait,
-                type(error).__name__,
-                attempt + 1,
-                self._retry.attempts,
-            )
-            await anyio.sleep(wait)
 
     async def _exchange(
         self,
@@ -496,7 +236,7 @@ class HttpCore:
         params: Mapping[str, str] | None,
         client_timeout: aiohttp.ClientTimeout,
         proxy: str | None,
-        state: _SendState,
+        state: SendState,
         limit: int,
     ) -> tuple[int, bytes, dict[str, str]]:
         """One request: (status, the body's first ``limit`` bytes, headers), or a
@@ -522,56 +262,6 @@ class HttpCore:
             raise TransportError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
-def _api_answer(
-    what: str, status: int, raw: bytes, headers: Mapping[str, str], *, billed: bool
-) -> ApiResponse:
-    """An API answer as a success, or the :class:`APIError` it means."""
-    rid_header = headers.get("X-Request-Id") or headers.get("x-request-id")
-    body, text = _decode(raw)
-    if len(raw) > _MAX_BODY:
-        body, text = None, "response body too large"
-    if 200 <= status < 300:
-        if body is None:
-            raise ServerError(
-                f"the server answered {status} with a body that is not JSON: {text!r}",
-                status=status,
-                code=None,
-                request_id=rid_header,
-            )
-        code = body.get("code")
-        if code is not None and code not in _SUCCESS_CODES:
-            task_id = _task_id(body)
-            if not (billed and task_id):
-                # A 200 whose body carries a business code is an error (DashScope does this).
-                raise error_from_response(status, body, headers, request_id=rid_header)
-            # A billed submit that names its task created it, whatever the code says: raising
-            # would lose the id of a task that is billed and running.
-            logger.warning(
-                "%s -> %d with code %r, but it names task %s: taken as created",
-                what,
-                status,
-                code,
-                task_id,
-            )
-        logger.debug("%s -> %d request_id=%s", what, status, body.get("request_id"))
-        return ApiResponse(status=status, body=body, headers=headers)
-    if body is None:
-        body = {"message": f"HTTP {status}: {text}" if text else f"HTTP {status}"}
-    err = error_from_response(status, body, headers, request_id=rid_header)
-    logger.debug("%s -> %d %s request_id=%s", what, status, err.code, err.request_id)
-    raise err
-
-
-#: Codes a 2xx answer may carry that mean success.
-_SUCCESS_CODES: tuple[object, ...] = ("", "Success", "success", 0, "0")
-
-
-def _task_id(body: Mapping[str, Any]) -> str | None:
-    output = body.get("output")
-    task_id = output.get("task_id") if isinstance(output, Mapping) else None
-    return task_id if isinstance(task_id, str) and task_id else None
-
-
 async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
     """The whole body, or its first ``limit`` bytes.
 
@@ -585,19 +275,3 @@ async def _read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
         if len(buf) >= limit:
             break
     return bytes(buf[:limit])
-
-
-def _path(url: str) -> str:
-    # Logs and messages carry the path only: never a query (signatures) or credentials.
-    return urlsplit(url).path
-
-
-def _decode(raw: bytes) -> tuple[dict[str, Any] | None, str]:
-    text = raw[:_MAX_TEXT].decode("utf-8", "replace")
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return None, text
-    if not isinstance(value, dict):
-        return None, text
-    return value, text
