@@ -17,7 +17,7 @@ import anyio
 from .._config import RESULT_URL_VALIDITY
 from .._exceptions import EmoError, JobCancelledError, JobFailedError, ResultExpiredError
 from .._models import OutcomeState, Task, TaskStatus
-from ._job import EventKind, InFlight, Reporter
+from ._job import TRANSIENT_TRIES, EventKind, InFlight, Reporter
 
 if TYPE_CHECKING:
     from .._journal import Journal
@@ -214,13 +214,27 @@ class Finisher:
             if dest.exists():
                 return dest
             await anyio.Path(dest.parent).mkdir(exist_ok=True)
-            try:
-                result = await self._service.downloader.download(
-                    task.video_url, dest, deadline=url_deadline_of(task)
-                )
-            except Exception as exc:
-                logger.error("could not keep the video of task %s: %s", task.task_id, exc)
-                return None
+            for attempt in range(TRANSIENT_TRIES):
+                try:
+                    result = await self._service.downloader.download(
+                        task.video_url, dest, deadline=url_deadline_of(task)
+                    )
+                    break
+                except ResultExpiredError as exc:
+                    logger.error(
+                        "the video of task %s expired before it was kept: %s", task.task_id, exc
+                    )
+                    return None
+                except Exception as exc:
+                    # A paid video that may be a job's: worth more tries than a lost log line.
+                    if attempt + 1 == TRANSIENT_TRIES:
+                        logger.error("could not keep the video of task %s: %s", task.task_id, exc)
+                        return None
+                    wait = self._service.retry.backoff(attempt + 3, floor=0.5)
+                    logger.info(
+                        "keeping task %s failed (%s); again in %.2fs", task.task_id, exc, wait
+                    )
+                    await anyio.sleep(wait)
             logger.warning(
                 "kept the video of task %s, which may be a job's, at %s", task.task_id, dest
             )
