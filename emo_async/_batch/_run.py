@@ -39,6 +39,7 @@ from ._submitter import Submitter
 if TYPE_CHECKING:
     from .._client import Client
     from .._journal import JobRecord, Journal
+    from .._names import OutputNames
 
 __all__ = ["JOURNAL_NAME", "BatchRun", "make_reconciler"]
 
@@ -98,7 +99,12 @@ class BatchRun:
         self._slots = anyio.CapacityLimiter(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
         self._handled: set[str] = set()
-        self._names: object = None
+        self._names: OutputNames | None = None
+        #: Feed position of each job not yet through _prepare's naming.
+        self._positions: dict[InFlight, int] = {}
+        #: Set once the job that booked a plain name (the first row with it) has been named
+        #: or refused: later rows with that name wait for it, not for every row before them.
+        self._name_settled: dict[int, anyio.Event] = {}
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._out_recv: MemoryObjectReceiveStream[Outcome] | None = None
@@ -198,12 +204,22 @@ class BatchRun:
                 )
 
     async def _reserve_recorded_paths(self) -> None:
-        """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve)."""
+        """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve).
+
+        Only while the file is there: a name whose video was deleted is free again (so a job
+        whose inputs changed keeps the name when its old video was removed). When two records
+        name one path, the latest wrote the file there.
+        """
         if self._journal is None:
             return
-        async for rec in self._journal.records():
-            if rec.path:
-                self._names.reserve(Path(rec.path), rec.job.display_name, rec.key)  # type: ignore[attr-defined]
+        assert self._names is not None
+        recorded = [rec async for rec in self._journal.records() if rec.path]
+        recorded.sort(key=lambda rec: rec.updated_at, reverse=True)
+        for rec in recorded:
+            assert rec.path is not None
+            path = Path(rec.path)
+            if await anyio.Path(path).is_symlink() or await anyio.Path(path).is_file():
+                self._names.reserve(path, rec.job.display_name, rec.key)
 
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
@@ -254,8 +270,35 @@ class BatchRun:
         )
 
     def _dest_for(self, item: InFlight) -> Path:
-        path: Path = self._names.assign(item.job.display_name, item.key)  # type: ignore[attr-defined]
-        return path
+        """The destination of a job the journal hands back (its name was checked when it was
+        first admitted; a file at it since then is most likely its own finished download)."""
+        assert self._names is not None
+        return self._names.assign(item.job.display_name, item.key)
+
+    def _new_dest_for(self, item: InFlight, position: int | None) -> tuple[Path, str | None]:
+        """The destination of a job from the feed, and why it must not be sent there (or None).
+
+        A job that does not get the plain name it asked for is logged: the user may look for
+        ``intro.mp4`` and find ``intro-1a2b3c4d.mp4``.
+        """
+        names = self._names
+        assert names is not None
+        name = item.job.display_name
+        path = names.assign(name, item.key, position=position)
+        plain = names.plain(name, item.key)
+        if path != plain:
+            holder = names.holder(plain)
+            if names.is_recorded(plain):
+                why = (
+                    f"{plain.name} holds the video an earlier run made for another job of that"
+                    " name (were its inputs changed?); that file is kept"
+                )
+            elif holder is not None:
+                why = f"another job of this batch is saved as {plain.name}"
+            else:
+                why = f"an earlier job in the input is named {name!r}"
+            logger.warning("%s: saving as %s: %s", item.name, path.name, why)
+        return path, names.obstacle(path)
 
     # -- the pipeline --------------------------------------------------------------------------
 
@@ -356,14 +399,44 @@ class BatchRun:
             if hasattr(jobs, "__aiter__"):
                 async for job in jobs:
                     report.seen += 1
-                    await send.send(InFlight(job))
+                    await send.send(self._fed(job, report.seen))
             else:
                 it: Iterator[Job] = iter(jobs)
                 for job in it:
                     report.seen += 1
-                    await send.send(InFlight(job))
+                    await send.send(self._fed(job, report.seen))
             if self._total is None:
                 self._total = report.seen
+
+    def _fed(self, job: Job, position: int) -> InFlight:
+        """A job read from the input: it books its plain name in input order, so the first row
+        with a name keeps it whichever row's validation ends first."""
+        assert self._names is not None
+        item = InFlight(job)
+        self._positions[item] = position
+        self._names.book(job.display_name, position)
+        if self._names.booked_by(job.display_name) == position:
+            self._name_settled[position] = anyio.Event()
+        return item
+
+    async def _await_booker(self, item: InFlight, position: int | None) -> None:
+        """Wait until the row that booked this job's plain name has been named or refused:
+        whether it is the same job (then this one is a duplicate) decides this job's name."""
+        assert self._names is not None
+        booker = self._names.booked_by(item.job.display_name)
+        if booker is None or booker == position:
+            return
+        settled = self._name_settled.get(booker)
+        if settled is not None:
+            await settled.wait()
+
+    def _settle_name(self, item: InFlight) -> int | None:
+        position = self._positions.pop(item, None)
+        if position is not None:
+            settled = self._name_settled.pop(position, None)
+            if settled is not None:
+                settled.set()
+        return position
 
     async def _prepare(
         self,
@@ -375,24 +448,43 @@ class BatchRun:
         report = self._report
         assert report is not None
         report.preparing += 1
+        position = self._positions.get(item)
         try:
             try:
                 contents = await stager.validate(item)
             except InputError as exc:
+                self._settle_name(item)
                 report.event(EventKind.REJECTED, item, str(exc))
                 await report.emit(item, OutcomeState.REJECTED, exc=exc)
                 return False
-            if item.key in self._handled and (resumer is None or item.key not in resumer.resumed):
-                dup = InputError(
-                    [Problem("job", "the same job appears twice in this batch")],
-                    job_name=item.name,
-                )
-                await report.emit(item, OutcomeState.REJECTED, exc=dup, journal_phase=False)
+            try:
+                await self._await_booker(item, position)
+                resumed = resumer is not None and item.key in resumer.resumed
+                if item.key in self._handled and not resumed:
+                    dup = InputError(
+                        [Problem("job", "the same job appears twice in this batch")],
+                        job_name=item.name,
+                    )
+                    await report.emit(item, OutcomeState.REJECTED, exc=dup, journal_phase=False)
+                    return False
+                if resumed:
+                    item.dest, obstacle = self._dest_for(item), None
+                else:
+                    item.dest, obstacle = self._new_dest_for(item, position)
+                # Taken before the journal is consulted: a second row of this job that is
+                # validated meanwhile is a duplicate, not a second admission.
+                self._handled.add(item.key)
+            finally:
+                self._settle_name(item)
+            if obstacle is not None:
+                # Refused before anything is spent, so the journal does not hold the job: it
+                # runs once the obstacle is moved away.
+                refused = InputError([Problem("name", obstacle)], job_name=item.name)
+                report.event(EventKind.REJECTED, item, str(refused))
+                await report.emit(item, OutcomeState.REJECTED, exc=refused, journal_phase=False)
                 return False
-            item.dest = self._dest_for(item)
             if resumer is not None and not await resumer.admit(item):
                 return False
-            self._handled.add(item.key)
             try:
                 await stager.stage(item, contents)
             except (InputError, DetectionRejectedError) as exc:
@@ -404,6 +496,7 @@ class BatchRun:
                 return False
             return True
         finally:
+            self._settle_name(item)  # also when validation raised something unexpected
             report.preparing -= 1
 
     async def _submit_worker(
