@@ -106,7 +106,9 @@ async def run_one(client: Client, job: Job, dest: Path) -> Outcome:
     with _hold_dest(client, dest, job.display_name):
         problem = await anyio.to_thread.run_sync(_dest_problem, dest)
         if problem is not None:
-            raise InputError([Problem("dest", problem + "; nothing was sent")], job_name=job.display_name)
+            raise InputError(
+                [Problem("dest", problem + "; nothing was sent")], job_name=job.display_name
+            )
         return await _run_one(client, job, dest)
 
 
