@@ -12,10 +12,15 @@ import re
 import stat
 import unicodedata
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
-from ._exceptions import DownloadError
+from ._exceptions import DownloadError, Problem
 
-__all__ = ["MAX_STEM_BYTES", "OutputNames", "safe_stem"]
+if TYPE_CHECKING:
+    from ._media import ValidatedJob
+    from ._models import Job
+
+__all__ = ["MAX_STEM_BYTES", "NamePlan", "OutputNames", "safe_stem"]
 
 #: Longest stem, in UTF-8 bytes. Most file systems allow 255 bytes per name; this leaves room
 #: for a ``-<key>`` suffix, ``.mp4`` and ``.part.json``.
@@ -264,3 +269,80 @@ class OutputNames:
         parent = os.path.dirname(where)
         if parent != os.path.realpath(self._out_dir):
             raise DownloadError(f"refusing output path {path}: it resolves outside {self._out_dir}")
+
+
+#: Journal phases a batch resumes by itself (it checks no destination for them again).
+_RESUMED_PHASES: Final = frozenset({"intent", "unresolved", "submitted", "finished"})
+
+
+class NamePlan:
+    """Names validated jobs in input order exactly as a batch would (for ``validate`` and
+    ``run --dry-run``): the same job twice is refused, the first job with a name keeps it, and,
+    with an output folder, something already at a destination that no journal records is
+    refused.
+
+    Args:
+        out_dir: The batch's output folder; None to skip every look at the disk.
+    """
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.names = OutputNames(out_dir if out_dir is not None else Path("."))
+        self._check_disk = out_dir is not None
+        # Digests, not hex strings: a long manifest keeps one entry per row.
+        self._first: dict[bytes, int] = {}
+        self._resumed: set[str] = set()
+
+    def load_journal(self, journal: Path) -> None:
+        """Reserve the paths an earlier run saved videos at, as a batch does (blocking; read
+        only and without the journal's lock, so it is safe while a batch runs on it)."""
+        import sqlite3
+
+        from ._journal.connection import connect
+        from ._journal.schema import check_header
+
+        if not self._check_disk or not check_header(journal):
+            return
+        conn = connect(journal, read_only=True)
+        try:
+            rows = conn.execute(
+                "SELECT key, name, path, phase FROM jobs ORDER BY updated_at DESC"
+            ).fetchall()
+        except sqlite3.Error:
+            return  # the run itself reports a damaged journal
+        finally:
+            conn.close()
+        for key, name, path, phase in rows:
+            if phase in _RESUMED_PHASES:
+                self._resumed.add(key)
+            # Only a recorded file that is still there keeps its name (see BatchRun).
+            if path and (os.path.islink(path) or os.path.isfile(path)):
+                self.names.reserve(Path(path), name, key)
+
+    def book(self, job: Job, position: int) -> None:
+        """A job read from the input, valid or not (see :meth:`OutputNames.book`)."""
+        self.names.book(job.display_name, position)
+
+    def check(self, validated: ValidatedJob, position: int) -> tuple[Problem | None, str | None]:
+        """A problem that makes a batch refuse the job, and a note when its video is saved
+        under another name than its own."""
+        from ._journal import job_key
+
+        job = validated.job
+        key = job_key(
+            job,
+            image_digest=validated.image.digest,
+            audio_digest=validated.audio.digest,
+            ratio=validated.ratio,
+        )
+        first = self._first.setdefault(bytes.fromhex(key), position)
+        if first != position:
+            return Problem("job", f"the same job appears twice in this batch (row {first})"), None
+        name = job.display_name
+        path = self.names.assign(name, key, position=position)
+        plain = self.names.plain(name, key)
+        note = None if path == plain else f"saved as {path.name}: {plain.name} is another job's"
+        if self._check_disk and key not in self._resumed:
+            obstacle = self.names.obstacle(path)
+            if obstacle is not None:
+                return Problem("name", obstacle), note
+        return None, note

@@ -72,6 +72,8 @@ def _dest_problem(dest: Path) -> str | None:
         st = os.stat(dest)
     except FileNotFoundError:
         pass
+    except NotADirectoryError:
+        return f"{dest.parent} is not a folder"
     except OSError as exc:
         return f"{dest} cannot be used: {exc.strerror or exc}"
     else:

@@ -30,6 +30,7 @@ from .._owned import OwnTask
 from .._util import single_error
 from ._finisher import Finisher
 from ._job import BatchEvent, BatchStats, EventKind, InFlight, Reporter
+from ._naming import FeedNames
 from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
@@ -39,7 +40,6 @@ from ._submitter import Submitter
 if TYPE_CHECKING:
     from .._client import Client
     from .._journal import JobRecord, Journal
-    from .._names import OutputNames
 
 __all__ = ["JOURNAL_NAME", "BatchRun", "make_reconciler"]
 
@@ -99,12 +99,7 @@ class BatchRun:
         self._slots = anyio.CapacityLimiter(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
         self._handled: set[str] = set()
-        self._names: OutputNames | None = None
-        #: Feed position of each job not yet through _prepare's naming.
-        self._positions: dict[InFlight, int] = {}
-        #: Set once the job that booked a plain name (the first row with it) has been named
-        #: or refused: later rows with that name wait for it, not for every row before them.
-        self._name_settled: dict[int, anyio.Event] = {}
+        self._names = FeedNames(out_dir)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._out_recv: MemoryObjectReceiveStream[Outcome] | None = None
@@ -114,16 +109,14 @@ class BatchRun:
     # -- the context manager -------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncIterator[Outcome]:
-        from .._names import OutputNames
-
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._stack = stack
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._names = OutputNames(self.out_dir)
             await self._open_journal(stack)
-            await self._reserve_recorded_paths()
+            if self._journal is not None:
+                await self._names.reserve_recorded(self._journal)
             send, recv = anyio.create_memory_object_stream[Outcome](
                 max(64, self.policy.max_tasks * 4)
             )
@@ -203,24 +196,6 @@ class BatchRun:
                     rec.task_id, sent_at=rec.intent_at, answered_at=rec.submitted_at
                 )
 
-    async def _reserve_recorded_paths(self) -> None:
-        """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve).
-
-        Only while the file is there: a name whose video was deleted is free again (so a job
-        whose inputs changed keeps the name when its old video was removed). When two records
-        name one path, the latest wrote the file there.
-        """
-        if self._journal is None:
-            return
-        assert self._names is not None
-        recorded = [rec async for rec in self._journal.records() if rec.path]
-        recorded.sort(key=lambda rec: rec.updated_at, reverse=True)
-        for rec in recorded:
-            assert rec.path is not None
-            path = Path(rec.path)
-            if await anyio.Path(path).is_symlink() or await anyio.Path(path).is_file():
-                self._names.reserve(path, rec.job.display_name, rec.key)
-
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
         c = self._report
@@ -269,37 +244,6 @@ class BatchRun:
             eta=eta,
         )
 
-    def _dest_for(self, item: InFlight) -> Path:
-        """The destination of a job the journal hands back (its name was checked when it was
-        first admitted; a file at it since then is most likely its own finished download)."""
-        assert self._names is not None
-        return self._names.assign(item.job.display_name, item.key)
-
-    def _new_dest_for(self, item: InFlight, position: int | None) -> tuple[Path, str | None]:
-        """The destination of a job from the feed, and why it must not be sent there (or None).
-
-        A job that does not get the plain name it asked for is logged: the user may look for
-        ``intro.mp4`` and find ``intro-1a2b3c4d.mp4``.
-        """
-        names = self._names
-        assert names is not None
-        name = item.job.display_name
-        path = names.assign(name, item.key, position=position)
-        plain = names.plain(name, item.key)
-        if path != plain:
-            holder = names.holder(plain)
-            if names.is_recorded(plain):
-                why = (
-                    f"{plain.name} holds the video an earlier run made for another job of that"
-                    " name (were its inputs changed?); that file is kept"
-                )
-            elif holder is not None:
-                why = f"another job of this batch is saved as {plain.name}"
-            else:
-                why = f"an earlier job in the input is named {name!r}"
-            logger.warning("%s: saving as %s: %s", item.name, path.name, why)
-        return path, names.obstacle(path)
-
     # -- the pipeline --------------------------------------------------------------------------
 
     async def _main(self, out: MemoryObjectSendStream[Outcome]) -> None:
@@ -347,7 +291,7 @@ class BatchRun:
                             finisher,
                             policy,
                             self._slots,
-                            self._dest_for,
+                            self._names.dest_for,
                             lambda item: self._track(finisher, item),
                             retry=client.retry,
                             timeouts=client.timeouts,
@@ -382,7 +326,7 @@ class BatchRun:
 
         keep = []
         for rec in resumable:
-            keep.append(self._dest_for(InFlight(rec.job, key=rec.key)))
+            keep.append(self._names.dest_for(InFlight(rec.job, key=rec.key)))
         try:
             removed = await cleanup_orphans(self.out_dir, keep)
         except OSError as exc:
@@ -399,44 +343,14 @@ class BatchRun:
             if hasattr(jobs, "__aiter__"):
                 async for job in jobs:
                     report.seen += 1
-                    await send.send(self._fed(job, report.seen))
+                    await send.send(self._names.fed(job, report.seen))
             else:
                 it: Iterator[Job] = iter(jobs)
                 for job in it:
                     report.seen += 1
-                    await send.send(self._fed(job, report.seen))
+                    await send.send(self._names.fed(job, report.seen))
             if self._total is None:
                 self._total = report.seen
-
-    def _fed(self, job: Job, position: int) -> InFlight:
-        """A job read from the input: it books its plain name in input order, so the first row
-        with a name keeps it whichever row's validation ends first."""
-        assert self._names is not None
-        item = InFlight(job)
-        self._positions[item] = position
-        self._names.book(job.display_name, position)
-        if self._names.booked_by(job.display_name) == position:
-            self._name_settled[position] = anyio.Event()
-        return item
-
-    async def _await_booker(self, item: InFlight, position: int | None) -> None:
-        """Wait until the row that booked this job's plain name has been named or refused:
-        whether it is the same job (then this one is a duplicate) decides this job's name."""
-        assert self._names is not None
-        booker = self._names.booked_by(item.job.display_name)
-        if booker is None or booker == position:
-            return
-        settled = self._name_settled.get(booker)
-        if settled is not None:
-            await settled.wait()
-
-    def _settle_name(self, item: InFlight) -> int | None:
-        position = self._positions.pop(item, None)
-        if position is not None:
-            settled = self._name_settled.pop(position, None)
-            if settled is not None:
-                settled.set()
-        return position
 
     async def _prepare(
         self,
@@ -448,17 +362,18 @@ class BatchRun:
         report = self._report
         assert report is not None
         report.preparing += 1
-        position = self._positions.get(item)
+        names = self._names
+        position = names.position_of(item)
         try:
             try:
                 contents = await stager.validate(item)
             except InputError as exc:
-                self._settle_name(item)
+                names.settle(item)
                 report.event(EventKind.REJECTED, item, str(exc))
                 await report.emit(item, OutcomeState.REJECTED, exc=exc)
                 return False
             try:
-                await self._await_booker(item, position)
+                await names.await_booker(item, position)
                 resumed = resumer is not None and item.key in resumer.resumed
                 if item.key in self._handled and not resumed:
                     dup = InputError(
@@ -468,14 +383,14 @@ class BatchRun:
                     await report.emit(item, OutcomeState.REJECTED, exc=dup, journal_phase=False)
                     return False
                 if resumed:
-                    item.dest, obstacle = self._dest_for(item), None
+                    item.dest, obstacle = names.dest_for(item), None
                 else:
-                    item.dest, obstacle = self._new_dest_for(item, position)
+                    item.dest, obstacle = names.new_dest_for(item, position)
                 # Taken before the journal is consulted: a second row of this job that is
                 # validated meanwhile is a duplicate, not a second admission.
                 self._handled.add(item.key)
             finally:
-                self._settle_name(item)
+                names.settle(item)
             if obstacle is not None:
                 # Refused before anything is spent, so the journal does not hold the job: it
                 # runs once the obstacle is moved away.
@@ -496,7 +411,7 @@ class BatchRun:
                 return False
             return True
         finally:
-            self._settle_name(item)  # also when validation raised something unexpected
+            names.settle(item)  # also when validation raised something unexpected
             report.preparing -= 1
 
     async def _submit_worker(

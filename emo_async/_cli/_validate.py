@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
@@ -14,11 +13,10 @@ import anyio.to_thread
 import attrs
 
 from emo_async import Estimate, InputError, Problem, validate_job
-from emo_async._config import JOURNAL_FILE_NAME
 from emo_async._manifest import COLUMNS, Manifest, ManifestRow, open_manifest
-from emo_async._names import OutputNames
+from emo_async._names import NamePlan
 
-from ._output import EXIT_FAILED, EXIT_OK, Output, fmt_seconds
+from ._output import EXIT_FAILED, EXIT_OK, JOURNAL_NAME, Output, fmt_seconds
 from ._progress import printable
 
 __all__ = [
@@ -108,90 +106,17 @@ def _render_estimate(est: Estimate) -> str:
     return text
 
 
-class _Naming:
-    """Names the rows exactly as ``run`` would: the same job twice is refused, the first row
-    with a name keeps it, and (with an output folder: ``run --dry-run``) a file no journal
-    records is refused."""
-
-    def __init__(self, out_dir: Path | None, journal: Path | None) -> None:
-        self.names = OutputNames(out_dir if out_dir is not None else Path("."))
-        self._check_disk = out_dir is not None
-        self._journal = journal
-        self._first_row: dict[bytes, int] = {}
-        #: Keys ``run`` resumes from the journal (it checks no name for them).
-        self._journal_keys: set[str] = set()
-
-    async def load_journal(self) -> None:
-        """Reserve the paths an earlier run saved videos at (read-only, without the lock)."""
-        if not self._check_disk or self._journal is None:
-            return
-        journal = self._journal
-        rows = await anyio.to_thread.run_sync(_recorded, journal)
-        for key, name, path, phase, present in rows:
-            if phase in _RESUMED_PHASES:
-                self._journal_keys.add(key)
-            if path and present:
-                self.names.reserve(Path(path), name, key)
-
-    def check(self, position: int, row: ManifestRow, key: str) -> tuple[Problem | None, str | None]:
-        """A problem that makes ``run`` refuse the row, and a note on where its video goes."""
-        assert row.job is not None
-        digest = bytes.fromhex(key)
-        first = self._first_row.setdefault(digest, row.row)
-        if first != row.row:
-            return Problem("job", f"the same job appears twice in this batch (row {first})"), None
-        name = row.job.display_name
-        path = self.names.assign(name, key, position=position)
-        note = None
-        plain = self.names.plain(name, key)
-        if path != plain:
-            note = f"saved as {path.name}: {plain.name} is another job's"
-        if self._check_disk and key not in self._journal_keys:
-            obstacle = self.names.obstacle(path)
-            if obstacle is not None:
-                return Problem("name", obstacle), note
-        return None, note
-
-
-_RESUMED_PHASES: Final = frozenset({"intent", "unresolved", "submitted", "finished"})
-
-
-def _recorded(journal: Path) -> list[tuple[str, str, str | None, str, bool]]:
-    import sqlite3
-
-    from emo_async._journal.connection import connect
-    from emo_async._journal.schema import check_header
-
-    if not check_header(journal):
-        return []
-    conn = connect(journal, read_only=True)
-    try:
-        cur = conn.execute("SELECT key, name, path, phase FROM jobs ORDER BY updated_at DESC")
-        found = []
-        for key, name, path, phase in cur.fetchall():
-            # As ``run`` reserves: only a recorded file that is still there keeps its name.
-            present = bool(path) and (os.path.islink(path) or os.path.isfile(path))
-            found.append((key, name, path, phase, present))
-        return found
-    except sqlite3.Error:
-        return []  # ``run`` reports a damaged journal itself
-    finally:
-        conn.close()
-
-
 async def _validate_rows(
     manifest: Manifest,
     out: Output,
     on_problem: Callable[[int, str, Problem], None],
-    naming: _Naming | None = None,
+    naming: NamePlan | None = None,
     on_note: Callable[[int, str, str], None] | None = None,
 ) -> _Tally:
     """Validate every row locally, a chunk at a time; problems come out in row order."""
-    from emo_async._journal import job_key
-
     tally = _Tally()
     chunk: list[ManifestRow] = []
-    naming = naming or _Naming(None, None)
+    naming = naming or NamePlan(None)
 
     async def flush() -> None:
         results: dict[int, Any] = {}
@@ -216,20 +141,14 @@ async def _validate_rows(
                     on_problem(row.row, label, problem)
                 continue
             # Every row ``run`` reads books its name, even one it then refuses.
-            naming.names.book(row.job.display_name, row.row)
+            naming.book(row.job, row.row)
             result = results[i]
             if isinstance(result, InputError):
                 tally.bad_rows += 1
                 for problem in result.problems:
                     on_problem(row.row, label, problem)
                 continue
-            key = job_key(
-                row.job,
-                image_digest=result.image.digest,
-                audio_digest=result.audio.digest,
-                ratio=result.ratio,
-            )
-            refused, note = naming.check(row.row, row, key)
+            refused, note = naming.check(result, row.row)
             if note is not None and on_note is not None:
                 on_note(row.row, label, note)
             if refused is not None:
@@ -291,9 +210,10 @@ async def cmd_validate(args: argparse.Namespace, *, dry_run: bool = False) -> in
     out_dir: Path | None = getattr(args, "out", None)
     journal: Path | None = None
     if out_dir is not None and not getattr(args, "no_journal", False):
-        journal = getattr(args, "journal", None) or out_dir / JOURNAL_FILE_NAME
-    naming = _Naming(out_dir, journal)
-    await naming.load_journal()
+        journal = getattr(args, "journal", None) or out_dir / JOURNAL_NAME
+    naming = NamePlan(out_dir)
+    if journal is not None:
+        await anyio.to_thread.run_sync(naming.load_journal, journal)
     tally = await _validate_rows(manifest, out, on_problem, naming, on_note)
     est = tally.estimate()
     if out.json:
