@@ -581,7 +581,9 @@ class TestPublicAPIOnly:
         import emo_async
 
         allowed_modules = {"emo_async.simulator", "emo_async.simulator.__main__"}
-        owned = {"emo_async._manifest"}  # the CLI's own manifest reader
+        # The CLI's own manifest reader, and the batch's naming rules (validate must name rows
+        # exactly as run does).
+        owned = {"emo_async._manifest", "emo_async._names"}
         package = Path(emo_async.__file__).parent / "_cli"
         files = sorted(package.glob("*.py"))
         assert len(files) > 3

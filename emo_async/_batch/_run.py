@@ -29,6 +29,7 @@ from .._owned import OwnTask
 from .._util import single_error
 from ._finisher import Finisher
 from ._job import BatchEvent, BatchStats, EventKind, InFlight, Reporter
+from ._naming import FeedNames
 from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
@@ -97,7 +98,7 @@ class BatchRun:
         self._slots = anyio.CapacityLimiter(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
         self._handled: set[str] = set()
-        self._names: object = None
+        self._names = FeedNames(out_dir)
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._out_recv: MemoryObjectReceiveStream[Outcome] | None = None
@@ -107,16 +108,14 @@ class BatchRun:
     # -- the context manager -------------------------------------------------------------------
 
     async def __aenter__(self) -> AsyncIterator[Outcome]:
-        from .._names import OutputNames
-
         stack = AsyncExitStack()
         await stack.__aenter__()
         self._stack = stack
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._names = OutputNames(self.out_dir)
             await self._open_journal(stack)
-            await self._reserve_recorded_paths()
+            if self._journal is not None:
+                await self._names.reserve_recorded(self._journal)
             send, recv = anyio.create_memory_object_stream[Outcome](
                 max(64, self.policy.max_tasks * 4)
             )
@@ -179,24 +178,12 @@ class BatchRun:
             self._journal = await open_batch_journal(stack, arg, self.out_dir)
             self._known = await known_tasks(self._journal)
 
-    async def _reserve_recorded_paths(self) -> None:
-        """Paths earlier runs saved videos at stay with their jobs (see OutputNames.reserve)."""
-        if self._journal is None:
-            return
-        async for rec in self._journal.records():
-            if rec.path:
-                self._names.reserve(Path(rec.path), rec.job.display_name, rec.key)  # type: ignore[attr-defined]
-
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
         throttled = self._client.statistics().throttled
         if self._report is None:
             return Reporter.idle(self._total, throttled)
         return self._report.stats(self._total, throttled)
-
-    def _dest_for(self, item: InFlight) -> Path:
-        path: Path = self._names.assign(item.job.display_name, item.key)  # type: ignore[attr-defined]
-        return path
 
     # -- the pipeline --------------------------------------------------------------------------
 
@@ -245,7 +232,7 @@ class BatchRun:
                             finisher,
                             policy,
                             self._slots,
-                            self._dest_for,
+                            self._names.dest_for,
                             lambda item: self._track(finisher, item),
                             retry=client.retry,
                             timeouts=client.timeouts,
@@ -276,7 +263,7 @@ class BatchRun:
 
     async def _cleanup_parts(self, resumable: Sequence[JobRecord]) -> None:
         """Remove ``.part`` files of ours that no resumable job will continue."""
-        keep = [self._dest_for(InFlight(rec.job, key=rec.key)) for rec in resumable]
+        keep = [self._names.dest_for(InFlight(rec.job, key=rec.key)) for rec in resumable]
         await cleanup_parts(self.out_dir, keep)
 
     async def _feed(self, send: MemoryObjectSendStream[InFlight]) -> None:
@@ -287,12 +274,12 @@ class BatchRun:
             if hasattr(jobs, "__aiter__"):
                 async for job in jobs:
                     report.seen += 1
-                    await send.send(InFlight(job))
+                    await send.send(self._names.fed(job, report.seen))
             else:
                 it: Iterator[Job] = iter(jobs)
                 for job in it:
                     report.seen += 1
-                    await send.send(InFlight(job))
+                    await send.send(self._names.fed(job, report.seen))
             if self._total is None:
                 self._total = report.seen
 
@@ -306,24 +293,44 @@ class BatchRun:
         report = self._report
         assert report is not None
         report.preparing += 1
+        names = self._names
+        position = names.position_of(item)
         try:
             try:
                 contents = await stager.validate(item)
             except InputError as exc:
+                names.settle(item)
                 report.event(EventKind.REJECTED, item, str(exc))
                 await report.emit(item, OutcomeState.REJECTED, exc=exc)
                 return False
-            if item.key in self._handled and (resumer is None or item.key not in resumer.resumed):
-                dup = InputError(
-                    [Problem("job", "the same job appears twice in this batch")],
-                    job_name=item.name,
-                )
-                await report.emit(item, OutcomeState.REJECTED, exc=dup, journal_phase=False)
+            try:
+                await names.await_booker(item, position)
+                resumed = resumer is not None and item.key in resumer.resumed
+                if item.key in self._handled and not resumed:
+                    dup = InputError(
+                        [Problem("job", "the same job appears twice in this batch")],
+                        job_name=item.name,
+                    )
+                    await report.emit(item, OutcomeState.REJECTED, exc=dup, journal_phase=False)
+                    return False
+                if resumed:
+                    item.dest, obstacle = names.dest_for(item), None
+                else:
+                    item.dest, obstacle = names.new_dest_for(item, position)
+                # Taken before the journal is consulted: a second row of this job that is
+                # validated meanwhile is a duplicate, not a second admission.
+                self._handled.add(item.key)
+            finally:
+                names.settle(item)
+            if obstacle is not None:
+                # Refused before anything is spent, so the journal does not hold the job: it
+                # runs once the obstacle is moved away.
+                refused = InputError([Problem("name", obstacle)], job_name=item.name)
+                report.event(EventKind.REJECTED, item, str(refused))
+                await report.emit(item, OutcomeState.REJECTED, exc=refused, journal_phase=False)
                 return False
-            item.dest = self._dest_for(item)
             if resumer is not None and not await resumer.admit(item):
                 return False
-            self._handled.add(item.key)
             try:
                 await stager.stage(item, contents)
             except (InputError, DetectionRejectedError) as exc:
@@ -335,6 +342,7 @@ class BatchRun:
                 return False
             return True
         finally:
+            names.settle(item)  # also when validation raised something unexpected
             report.preparing -= 1
 
     async def _submit_worker(

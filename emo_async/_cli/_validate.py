@@ -14,8 +14,9 @@ import attrs
 
 from emo_async import Estimate, InputError, Problem, validate_job
 from emo_async._manifest import COLUMNS, Manifest, ManifestRow, open_manifest
+from emo_async._names import NamePlan
 
-from ._output import EXIT_FAILED, EXIT_OK, Output, fmt_seconds
+from ._output import EXIT_FAILED, EXIT_OK, JOURNAL_NAME, Output, fmt_seconds
 from ._progress import printable
 
 __all__ = [
@@ -106,11 +107,16 @@ def _render_estimate(est: Estimate) -> str:
 
 
 async def _validate_rows(
-    manifest: Manifest, out: Output, on_problem: Callable[[int, str, Problem], None]
+    manifest: Manifest,
+    out: Output,
+    on_problem: Callable[[int, str, Problem], None],
+    naming: NamePlan | None = None,
+    on_note: Callable[[int, str, str], None] | None = None,
 ) -> _Tally:
     """Validate every row locally, a chunk at a time; problems come out in row order."""
     tally = _Tally()
     chunk: list[ManifestRow] = []
+    naming = naming or NamePlan(None)
 
     async def flush() -> None:
         results: dict[int, Any] = {}
@@ -134,11 +140,20 @@ async def _validate_rows(
                 for problem in row.problems:
                     on_problem(row.row, label, problem)
                 continue
+            # Every row ``run`` reads books its name, even one it then refuses.
+            naming.book(row.job, row.row)
             result = results[i]
             if isinstance(result, InputError):
                 tally.bad_rows += 1
                 for problem in result.problems:
                     on_problem(row.row, label, problem)
+                continue
+            refused, note = naming.check(result, row.row)
+            if note is not None and on_note is not None:
+                on_note(row.row, label, note)
+            if refused is not None:
+                tally.bad_rows += 1
+                on_problem(row.row, label, refused)
                 continue
             tally.valid += 1
             tally.by_ratio[result.ratio] = tally.by_ratio.get(result.ratio, 0) + 1
@@ -186,7 +201,20 @@ async def cmd_validate(args: argparse.Namespace, *, dry_run: bool = False) -> in
             limit = f" (limit: {problem.limit})" if problem.limit else ""
             out.say(f"row {row} ({label}): {problem.field}: {problem.message}{limit}")
 
-    tally = await _validate_rows(manifest, out, on_problem)
+    def on_note(row: int, label: str, note: str) -> None:
+        if out.json:
+            out.emit_json({"type": "note", "row": row, "name": label, "message": note})
+        if not out.quiet or out.json:
+            out.say(f"row {row} ({label}): {note}")
+
+    out_dir: Path | None = getattr(args, "out", None)
+    journal: Path | None = None
+    if out_dir is not None and not getattr(args, "no_journal", False):
+        journal = getattr(args, "journal", None) or out_dir / JOURNAL_NAME
+    naming = NamePlan(out_dir)
+    if journal is not None:
+        await anyio.to_thread.run_sync(naming.load_journal, journal)
+    tally = await _validate_rows(manifest, out, on_problem, naming, on_note)
     est = tally.estimate()
     if out.json:
         out.emit_json(
