@@ -136,6 +136,11 @@ class Middleware:
         faults = state.faults
         ctx = request_ctx(request)
         try:
+            if role == "api" and request.can_read_body:
+                # A real server has the whole request before it takes its time over it: read
+                # the body first, so a client that gives up during the latency does not
+                # un-send its request (a submit still creates its task, as it would there).
+                await request.read()
             if faults.latency > 0 or faults.latency_jitter > 0:
                 await asyncio.sleep(
                     faults.latency + state.fault_rng.uniform(0, faults.latency_jitter)
