@@ -20,7 +20,7 @@ from test_batch import client_for, sim_config
 from emo_async import Job, OutcomeState
 from emo_async._journal import Journal, job_key
 from emo_async._media import validate_job
-from emo_async._samples import make_sample_set
+from emo_async._samples import make_sample_set, make_voice_wav
 from emo_async.simulator import FaultConfig, Simulator
 
 pytestmark = pytest.mark.anyio
@@ -305,3 +305,30 @@ class TestExpired:
                 [paid] = await client.run_batch_all([job], out, rebill_expired=True)
             assert paid.state == OutcomeState.DONE
             assert len(sim.ledger.tasks_created) == 2
+
+
+class TestChangedInputs:
+    """A job's audio re-recorded at the same path while the journal holds its lost submit."""
+
+    async def test_own_task_is_kept_and_the_old_job_never_sent_with_new_files(
+        self, tmp_path: Path
+    ) -> None:
+        [job] = make_sample_set(tmp_path / "in", 1, seconds=(2.0, 2.0), seed=3)
+        out = tmp_path / "out"
+        faults = FaultConfig(seed=1, ambiguous_submit_rate=1.0)
+        async with Simulator(sim_config(faults=faults)) as sim:
+            async with client_for(sim) as client:
+                [first] = await client.run_batch_all([job], out, reconcile="fail")
+            assert first.state == OutcomeState.UNRESOLVED
+            [ours] = sim.ledger.tasks_created
+            await anyio.to_thread.run_sync(make_voice_wav, Path(job.audio), 4.0)
+            sim.set_faults(FaultConfig())
+            await anyio.sleep(0.2)  # the first task finishes
+            async with client_for(sim) as client:
+                outcomes = await client.run_batch_all([job], out)
+            # Its own task, billed for the old audio, is no stranger to release: kept.
+            assert (out / ".unattributed" / f"{ours.task_id}.mp4").exists()
+            assert sim.ledger.duplicate_tasks() == {}
+            assert len(sim.ledger.tasks_created) == 2  # the old task and the new audio's
+            states = sorted(o.state for o in outcomes)
+            assert states == sorted([OutcomeState.UNRESOLVED, OutcomeState.DONE])

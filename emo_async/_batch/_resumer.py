@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .._config import DEFAULT_RETRY_POLICY, DEFAULT_TIMEOUTS
 from .._exceptions import (
     DetectionRejectedError,
     EmoError,
@@ -33,6 +34,11 @@ if TYPE_CHECKING:
 __all__ = ["Resumer"]
 
 logger = logging.getLogger("emo_async.batch")
+
+_DEFAULT_RETRY_TIMEOUT = DEFAULT_RETRY_POLICY.timeout or 300.0
+_DEFAULT_TOTAL = DEFAULT_TIMEOUTS.total or 120.0
+#: Slack for the wait at the submit limiter, which the retry timeout does not count.
+_LIMITER_MARGIN = 120.0
 
 
 async def _file_ok(path: Path, size: int | None) -> bool:
@@ -156,12 +162,25 @@ class Resumer:
         rec = item.record
         assert rec is not None
         try:
+            from .._journal import job_key
             from .._media import validate_job
 
             v = await validate_job(item.job)
-            item.validated = v
-            item.audio_seconds = v.billed_seconds_estimate
-            item.ratio = v.ratio
+            key = job_key(
+                item.job, image_digest=v.image.digest, audio_digest=v.audio.digest, ratio=v.ratio
+            )
+            if key == rec.key:
+                item.validated = v
+                item.audio_seconds = v.billed_seconds_estimate
+                item.ratio = v.ratio
+            else:
+                # The files at its paths are no longer what it submitted: their duration says
+                # nothing about its task, and they must not be sent under its name.
+                logger.warning(
+                    "%s: its inputs changed since its submit; it is settled without them and"
+                    " never sent again (the changed inputs are a job of their own)",
+                    item.name,
+                )
         except (InputError, OSError) as exc:
             # Its files changed or went: settling can still adopt nothing, prove absence, or
             # keep it unresolved; it just cannot be sent again.
@@ -177,19 +196,34 @@ class Resumer:
     def _gave_up(self, sent: _dt.datetime) -> _dt.datetime:
         """The latest moment the dead process can have been waiting for that POST's answer:
         its request path gives up after ``retry.timeout`` plus one request's ``total``
-        timeout (else: when this run started). A narrower window leaves fewer strangers."""
+        timeout (else: when this run started). A narrower window leaves fewer strangers.
+
+        The dead process's settings are not known: the larger of this run's and the defaults
+        is taken, with a margin for the rate limiter's wait before the last attempt.
+        """
         retry, timeouts = self._retry, self._timeouts
         if retry.timeout is None or timeouts.total is None:
             return self._started
-        bound = sent + _dt.timedelta(seconds=retry.timeout + timeouts.total)
-        return min(self._started, bound)
+        seconds = (
+            max(retry.timeout, _DEFAULT_RETRY_TIMEOUT)
+            + max(timeouts.total, _DEFAULT_TOTAL)
+            + _LIMITER_MARGIN
+        )
+        return min(self._started, sent + _dt.timedelta(seconds=seconds))
 
     async def _resend(self, item: InFlight) -> None:
         """Provably never created: stage and submit afresh (the slot is held)."""
         try:
             if item.validated is None:
                 raise InputError(
-                    [Problem("job", "its inputs cannot be read any more")], job_name=item.name
+                    [
+                        Problem(
+                            "job",
+                            "its inputs changed or went since its intent (it provably created"
+                            " no task); changed files are a job of their own",
+                        )
+                    ],
+                    job_name=item.name,
                 )
             await self._stager.stage(item)
         except (InputError, DetectionRejectedError) as exc:
