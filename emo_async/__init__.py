@@ -57,6 +57,7 @@ from ._exceptions import (
     ResultExpiredError,
     ServerError,
     TransportError,
+    UnknownTaskStatusError,
     UnresolvedSubmitError,
     UnsupportedOperationError,
 )
@@ -143,6 +144,7 @@ __all__ = [
     "TaskStatus",
     "Timeouts",
     "TransportError",
+    "UnknownTaskStatusError",
     "UnresolvedSubmitError",
     "UnsupportedOperationError",
     "ValidatedJob",
