@@ -15,7 +15,7 @@ import attrs
 from emo_async import Estimate, InputError, Problem, validate_job
 from emo_async._manifest import COLUMNS, Manifest, ManifestRow, open_manifest
 
-from ._output import EXIT_FAILED, EXIT_OK, Output, fmt_seconds
+from ._output import EXIT_FAILED, EXIT_OK, Output, fmt_seconds, problem_text
 from ._progress import printable
 
 __all__ = [
@@ -179,12 +179,11 @@ async def cmd_validate(args: argparse.Namespace, *, dry_run: bool = False) -> in
                     "name": label,
                     "field": problem.field,
                     "message": problem.message,
-                    "limit": problem.limit,
+                    "limit": problem.limit if problem_text(problem) == str(problem) else None,
                 }
             )
         if not out.quiet or out.json:
-            limit = f" (limit: {problem.limit})" if problem.limit else ""
-            out.say(f"row {row} ({label}): {problem.field}: {problem.message}{limit}")
+            out.say(f"row {row} ({label}): {problem_text(problem)}")
 
     tally = await _validate_rows(manifest, out, on_problem)
     est = tally.estimate()
