@@ -135,7 +135,7 @@ class Sink:
         self.rows_reported: set[int] = set()
         self._created: set[str] = set()
         #: Jobs whose outcome came with no row known yet, by how many such outcomes.
-        self._early: dict[Job, int] = {}
+        self._early: dict[Job, list[dict[str, Any]]] = {}
         self._resumed: set[str] = set()
 
     def event(self, event: BatchEvent) -> None:
@@ -151,30 +151,40 @@ class Sink:
             # Submitted (and billed) by an earlier run; this one only waits for it.
             self._resumed.add(event.task_id)
 
-    def remember(self, row: ManifestRow) -> None:
+    async def remember(self, row: ManifestRow) -> None:
         assert row.job is not None
-        if self.accounted(row):
+        if await self.accounted(row):
             return
         self._rows[id(row.job)] = (row.job, row.row)
 
-    def accounted(self, row: ManifestRow) -> bool:
-        """Whether the row's line is in the report: its outcome came, or it is the job of an
-        outcome that came before its row was read (a job the batch picked up from the
-        journal at start reports the journal's copy of the job, equal but not the same)."""
+    async def accounted(self, row: ManifestRow) -> bool:
+        """Whether the row has its line in the report, writing it if its outcome came first.
+
+        A job the batch picked up from the journal at start reports the journal's copy of the
+        job (equal, not the same object), often before its row is read: that outcome's line
+        waits for its row number here.
+        """
         if row.row in self.rows_reported:
             return True
-        if row.job is not None and self._early.get(row.job):
-            self._early[row.job] -= 1
+        waiting = self._early.get(row.job) if row.job is not None else None
+        if waiting:
+            record = waiting.pop(0)
+            record["row"] = row.row
             self.rows_reported.add(row.row)
+            await self._record(record)
             return True
         return False
 
+    async def flush(self) -> None:
+        """Write the outcomes no row claimed (with no row number): none is ever dropped."""
+        for records in self._early.values():
+            for record in records:
+                await self._record(record)
+        self._early.clear()
+
     def _row_of(self, job: Job) -> int | None:
         found = self._rows.pop(id(job), None)
-        if found is not None and found[0] is job:
-            return found[1]
-        self._early[job] = self._early.get(job, 0) + 1
-        return None
+        return found[1] if found is not None and found[0] is job else None
 
     def _failure(self, row: int | None, name: str, text: str) -> None:
         # Listed in row order, whatever order they finished in: the first rows are kept.
@@ -266,19 +276,21 @@ class Sink:
                 self.progress.note(f"✗ {where}: {state}: {text}", style=style)
             if isinstance(outcome.exception, AuthenticationError) and self.auth_error is None:
                 self.auth_error = str(outcome.exception)
-        await self._record(
-            {
-                "row": row,
-                "name": outcome.job.display_name,
-                "state": state,
-                "task_id": outcome.task_id,
-                "path": str(outcome.path) if outcome.path else None,
-                "size": outcome.size,
-                "sha256": outcome.sha256,
-                "billed_seconds": outcome.billed_seconds,
-                **err_fields(error),
-            }
-        )
+        record = {
+            "row": row,
+            "name": outcome.job.display_name,
+            "state": state,
+            "task_id": outcome.task_id,
+            "path": str(outcome.path) if outcome.path else None,
+            "size": outcome.size,
+            "sha256": outcome.sha256,
+            "billed_seconds": outcome.billed_seconds,
+            **err_fields(error),
+        }
+        if row is None:
+            self._early.setdefault(outcome.job, []).append(record)
+        else:
+            await self._record(record)
 
     @property
     def unsuccessful(self) -> int:

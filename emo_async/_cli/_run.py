@@ -171,7 +171,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             if row.job is None:
                 await sink.bad_row(row)
                 continue
-            sink.remember(row)
+            await sink.remember(row)
             yield row.job
 
     if not out.quiet:
@@ -199,8 +199,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
             )
         # Every row of the manifest has its line: those without an outcome are pending.
         async for row in rows_of(manifest):
-            if not sink.accounted(row):
+            if not await sink.accounted(row):
                 await sink.pending_row(row)
+        await sink.flush()
     finally:
         if report is not None:
             await report.aclose()
