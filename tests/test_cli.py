@@ -331,6 +331,10 @@ class TestValidate:
         assert any(line.startswith("row 5 (swapped): image:") for line in problems)
         assert any(line.startswith("row 5 (swapped): audio:") for line in problems)
         assert not any(line.startswith("row 2") for line in problems)
+        missing = [line for line in problems if line.startswith("row 3")]
+        # A missing file is just that: no format limit after it.
+        assert all(line.endswith("does not exist") for line in missing), missing
+        assert "(limit:" in next(line for line in problems if line.startswith("row 5"))
         assert "estimate: 1 valid of 4 jobs" in result.stdout.decode()
         assert "3 rows with problems" in result.stdout.decode()
 
