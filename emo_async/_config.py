@@ -195,6 +195,14 @@ class PollPolicy:
             are replaced by what the poller observes.
         early_factor: The first query of a task lands at ``early_factor`` x its predicted
             duration (a little early beats a late notice).
+        unknown_status_timeout: A task answering a status the documents do not list (such as
+            ``succeeded`` or ``WARMING``) is logged once at WARNING and kept polling as not
+            finished, for at most this many seconds from the first such answer (a documented
+            status in between starts the count again); then its waiter gets
+            :class:`~emo_async.UnknownTaskStatusError`. The task may still finish: a batch
+            keeps it in its journal, so a later run looks at it again. Bounded by the
+            service's 24 h task retention anyway; the default is one hour, many times an EMO
+            task's usual duration.
     """
 
     target_delay: float = attrs.field(default=5.0, validator=_pos)
@@ -204,6 +212,7 @@ class PollPolicy:
     prior_base: float = attrs.field(default=20.0, validator=_nonneg)
     prior_per_audio_second: float = attrs.field(default=3.0, validator=_nonneg)
     early_factor: float = attrs.field(default=0.9, validator=_unit)
+    unknown_status_timeout: float = attrs.field(default=3600.0, validator=_pos)
 
 
 DEFAULT_POLL_POLICY = PollPolicy()

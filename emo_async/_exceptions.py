@@ -33,6 +33,7 @@
     ├── DetectionRejectedError (.detection): emo-detect-v1 said check_pass=false
     ├── JobError (.job)
     │   ├── JobFailedError (.task): the task ended FAILED or UNKNOWN
+    │   │   └── UnknownTaskStatusError: it kept answering a status nobody documented
     │   ├── JobCancelledError
     │   ├── ResultExpiredError: the video URL ran out before the download
     │   └── UnresolvedSubmitError (.candidates): an answer was lost and nothing proves
@@ -95,6 +96,7 @@ __all__ = [
     "ResultExpiredError",
     "ServerError",
     "TransportError",
+    "UnknownTaskStatusError",
     "UnresolvedSubmitError",
     "UnsupportedOperationError",
     "WorkspaceAccessDeniedError",
@@ -512,6 +514,26 @@ class JobFailedError(JobError):
         self.message = task.message
         what = f"{task.code}: {task.message}" if task.code else (task.message or "no reason")
         super().__init__(f"task {task.task_id} ended {task.status.value}: {what}", job=job)
+
+
+class UnknownTaskStatusError(JobFailedError):
+    """The task kept answering a status the documents do not list (``task.status``, e.g.
+    ``succeeded`` or ``WARMING``) for longer than ``PollPolicy.unknown_status_timeout``.
+
+    Nothing says the task failed: it was given up on. It may still finish (and bill); a batch
+    keeps it in its journal, so a later run looks at it again.
+
+    Attributes:
+        waited: Seconds since it first answered that status.
+    """
+
+    def __init__(self, task: Task, *, waited: float, job: Job | None = None) -> None:
+        super().__init__(task, job=job)
+        self.waited = waited
+        self.args = (
+            f"task {task.task_id} answered the undocumented status {task.status.value!r} for"
+            f" {waited:.0f} s; no longer waiting for it (it may still finish)",
+        )
 
 
 class JobCancelledError(JobError):

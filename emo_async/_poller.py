@@ -15,6 +15,9 @@ open. The poller instead owns every open task and decides when each is next look
   task-query limiter, so the account limit holds whatever the number of tasks.
 * 429s and 5xx never stop it: the request path backs off, and a failed query is simply tried
   again on the next round.
+* A status the documents do not list (``succeeded``, ``WARMING``) is not a finish: it is logged
+  once at WARNING and the task is polled on, until ``unknown_status_timeout`` has passed since
+  the first such answer; then its waiter gets :class:`UnknownTaskStatusError`.
 
 Waiters (``Client.wait`` and the batch runner) park on an event per task.
 """
@@ -34,7 +37,7 @@ import attrs
 from anyio.abc import TaskStatus as AnyioTaskStatus
 
 from ._config import PollPolicy
-from ._exceptions import APIError, EmoError
+from ._exceptions import APIError, EmoError, UnknownTaskStatusError
 from ._models import Task, TaskListItem, TaskStatus
 from ._ratelimit import Clock
 
@@ -135,6 +138,9 @@ class _Entry:
     seen_finished_in_list: bool = False
     list_absent: int = 0
     last_nonterminal: float = 0.0
+    #: When the task first answered a status nobody documented (None: its status is known).
+    unknown_since: float | None = None
+    warned_statuses: set[str] = attrs.field(factory=set)
 
 
 class StatusPoller:
@@ -342,6 +348,8 @@ class StatusPoller:
             return
         if entry.seen_finished_in_list:
             entry.seen_finished_in_list = False
+        if self._undocumented(entry, task, now):
+            return
         entry.last_nonterminal = now
         if task.status == TaskStatus.PENDING:
             # Queued behind the account's concurrency cap: it has not started yet.
@@ -354,6 +362,28 @@ class StatusPoller:
         )
         if not self._list_enabled:
             entry.earliest = max(entry.earliest, entry.next_direct)
+
+    def _undocumented(self, entry: _Entry, task: Task, now: float) -> bool:
+        """Track a status the documents do not list; True if the task was given up on."""
+        if task.status.is_known:
+            entry.unknown_since = None
+            return False
+        if task.status.value not in entry.warned_statuses:
+            entry.warned_statuses.add(task.status.value)
+            logger.warning(
+                "task %s answered the undocumented status %r: treated as not finished for up"
+                " to %.0f s",
+                entry.task_id,
+                task.status.value,
+                self.policy.unknown_status_timeout,
+            )
+        if entry.unknown_since is None:
+            entry.unknown_since = now
+        waited = now - entry.unknown_since
+        if waited >= self.policy.unknown_status_timeout:
+            self._fail(entry, UnknownTaskStatusError(task, waited=waited))
+            return True
+        return False
 
     def _retry_later(self, entry: _Entry, exc: BaseException | None) -> None:
         if exc is not None:

@@ -155,8 +155,14 @@ class TestRun:
         assert records["no-file"]["error_kind"] == "InputError"
         assert records["bad-box"]["state"] == "rejected"
         assert records["bad-box"]["row"] == 4
-        assert records["bad-box"]["error_kind"] == "ManifestError"
+        # One rule for every row rejected before any spend: the error of a job's input.
+        assert records["bad-box"]["error_kind"] == "InputError"
         assert records["ok-2"]["state"] == "done"
+        # A missing file breaks no format limit: the message says it does not exist, no more.
+        assert "does not exist" in records["no-file"]["error_message"]
+        assert "limit" not in records["no-file"]["error_message"]
+        listed = shown[shown.index("jobs without a video") :]
+        assert listed.index("row 3 (no-file)") < listed.index("row 4 (bad-box)")  # row order
         # Nothing was spent on the bad rows.
         assert len(sim.ledger.tasks_created) == 2
 
@@ -325,6 +331,10 @@ class TestValidate:
         assert any(line.startswith("row 5 (swapped): image:") for line in problems)
         assert any(line.startswith("row 5 (swapped): audio:") for line in problems)
         assert not any(line.startswith("row 2") for line in problems)
+        missing = [line for line in problems if line.startswith("row 3")]
+        # A missing file is just that: no format limit after it.
+        assert all(line.endswith("does not exist") for line in missing), missing
+        assert "(limit:" in next(line for line in problems if line.startswith("row 5"))
         assert "estimate: 1 valid of 4 jobs" in result.stdout.decode()
         assert "3 rows with problems" in result.stdout.decode()
 

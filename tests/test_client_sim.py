@@ -3,6 +3,7 @@ a large upload that keeps the client's memory flat (simulator in its own process
 
 from __future__ import annotations
 
+import os
 import sys
 import tracemalloc
 from collections.abc import AsyncIterator
@@ -53,8 +54,9 @@ class TestRateAtTheServer:
 @pytest.fixture
 async def sim_process() -> AsyncIterator[tuple[str, str]]:
     """The simulator in its own process: (base_url, api_key)."""
-    command = [sys.executable, "-m", "emo_async.simulator", "--port", "0", "--api-key", "sk-m"]
-    async with await anyio.open_process(command) as process:
+    command = [sys.executable, "-m", "emo_async.simulator", "--port", "0"]
+    env = {**os.environ, "EMO_SIM_API_KEY": "sk-m"}
+    async with await anyio.open_process(command, env=env) as process:
         assert process.stdout is not None
         line = b""
         with anyio.fail_after(30):
@@ -62,7 +64,7 @@ async def sim_process() -> AsyncIterator[tuple[str, str]]:
                 line += await process.stdout.receive(1)
         fields = dict(part.split("=", 1) for part in line.decode().split()[1:])
         try:
-            yield fields["base_url"], fields["api_key"]
+            yield fields["base_url"], "sk-m"
         finally:
             process.terminate()
             with anyio.fail_after(30):

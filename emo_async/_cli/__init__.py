@@ -23,7 +23,7 @@ from typing import Final
 
 import anyio
 
-from emo_async import EmoError, JournalError
+from emo_async import AuthenticationError, EmoError, JournalError
 from emo_async._manifest import ManifestError
 
 from ._demo import cmd_demo
@@ -55,7 +55,7 @@ _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Awaitable[int]]]] = {
 }
 
 
-def _usage(exc: BaseException) -> int:
+def _usage(exc: BaseException | str) -> int:
     # One line whatever the message holds (a path with a newline in it...).
     print("emo-async: " + " ".join(str(exc).splitlines()), file=sys.stderr)
     return EXIT_USAGE
@@ -72,6 +72,9 @@ def _main(argv: list[str]) -> int:
         return int(anyio.run(command, args, backend="asyncio"))
     except (UsageError, ManifestError, JournalError) as exc:
         return _usage(exc)
+    except AuthenticationError as exc:
+        # A wrong or unauthorised key is a configuration mistake, like a missing one: exit 2.
+        return _usage(f"the API key was refused: {exc}")
     except EmoError as exc:
         print(f"emo-async: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-from emo_async import Client, ErrorInfo
+from emo_async import Client, ErrorInfo, Problem
 
 from ._progress import ProgressMode
 
@@ -33,6 +33,7 @@ __all__ = [
     "journal_path",
     "make_client",
     "only_error",
+    "problem_text",
     "progress_mode",
     "setup_logging",
     "silence_stdout",
@@ -138,6 +139,14 @@ def err_fields(error: ErrorInfo | None) -> dict[str, Any]:
         "error_message": error.message if error else None,
         "request_id": error.request_id if error else None,
     }
+
+
+def problem_text(problem: Problem) -> str:
+    """A problem in words, its limit shown only where it applies: a file that does not exist
+    breaks no format limit, so "(limit: jpg, jpeg, ...)" after it would only mislead."""
+    if problem.limit and problem.message.endswith(" does not exist"):
+        return f"{problem.field}: {problem.message}"
+    return str(problem)
 
 
 def fmt_seconds(seconds: float) -> str:

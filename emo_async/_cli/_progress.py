@@ -50,21 +50,50 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 class Counts:
-    """What the display shows: the batch's stats, plus rows rejected before the batch (bad
-    manifest rows) and the number of rows expected."""
+    """What the display shows.
+
+    The outcome counts (done, failed, rejected...) are the ones the command line received and
+    reports (``states``, shared with the summary and the report), not the batch's own tallies:
+    an outcome the batch made but nobody read (the run stopped first) is not finished for
+    anyone. The stages (preparing, running...) come from the batch's stats.
+    """
 
     def __init__(self, total: int | None) -> None:
         self.total = total
-        self.bad_rows = 0
+        self.states: dict[str, int] = {}
+        #: Of the done jobs, how many were done by an earlier run.
+        self.skipped = 0
+        #: Seconds billed for tasks this run created (not those of earlier runs it finished).
+        self.billed = 0.0
         self.stats: BatchStats | None = None
+
+    def _n(self, *states: str) -> int:
+        return sum(self.states.get(s, 0) for s in states)
 
     @property
     def finished(self) -> int:
-        return (self.stats.finished if self.stats else 0) + self.bad_rows
+        return sum(self.states.values())
+
+    @property
+    def done(self) -> int:
+        return self._n("done")
+
+    @property
+    def failed(self) -> int:
+        return self._n("failed", "expired", "cancelled")
 
     @property
     def rejected(self) -> int:
-        return (self.stats.rejected if self.stats else 0) + self.bad_rows
+        return self._n("rejected")
+
+    @property
+    def unresolved(self) -> int:
+        return self._n("unresolved")
+
+    @property
+    def pending(self) -> int | None:
+        """Rows of the manifest without an outcome (yet)."""
+        return None if self.total is None else max(0, self.total - self.finished)
 
     def eta(self) -> float | None:
         st = self.stats
@@ -76,20 +105,23 @@ class Counts:
             return None
         return max(0, self.total - self.finished) * st.elapsed / worked
 
-    def line(self) -> str:
-        """The plain one-line form."""
+    def line(self, *, final: bool = False) -> str:
+        """The plain one-line form (``final``: the run is over, what is left is pending)."""
         st = self.stats
         total = "?" if self.total is None else str(self.total)
         parts = [f"{self.finished}/{total} finished"]
-        if st is not None:
+        if final and self.pending:
+            parts.append(f"pending {self.pending}")
+        if st is not None or self.finished:
             parts += [
-                f"done {st.done}" + (f" ({st.skipped} earlier)" if st.skipped else ""),
-                f"failed {st.failed + st.expired + st.cancelled}",
+                f"done {self.done}" + (f" ({self.skipped} earlier)" if self.skipped else ""),
+                f"failed {self.failed}",
                 f"rejected {self.rejected}",
             ]
             # Rare states are shown only once they happen: the line stays short otherwise.
-            if st.unresolved:
-                parts.append(f"unresolved {st.unresolved}")
+            if self.unresolved:
+                parts.append(f"unresolved {self.unresolved}")
+        if st is not None:
             parts += [
                 f"preparing {st.preparing}",
                 f"submitting {st.submitting}",
@@ -100,7 +132,7 @@ class Counts:
                 f"running {st.running}",
                 f"downloading {st.downloading}",
                 f"429s {st.throttled}",
-                f"billed {st.billed_seconds:.1f}s",
+                f"billed {self.billed:.1f}s",
                 f"ETA {fmt_duration(self.eta())}",
             ]
         elapsed = st.elapsed if st is not None else 0.0
@@ -157,7 +189,7 @@ class Progress:
         else:
             print(text, file=self._stream, flush=True)
 
-    def _renderable(self) -> Any:
+    def _renderable(self, *, final: bool = False) -> Any:
         from rich.console import Group
         from rich.progress_bar import ProgressBar
         from rich.table import Table
@@ -191,17 +223,18 @@ class Progress:
         if st.reconciling:
             stages.append_text(Text.assemble(("  reconciling ", "dim"), str(st.reconciling)))
         outcomes = Text.assemble(
+            *((("pending ", "bold"), f"{c.pending}  ") if final and c.pending else ()),
             ("done ", "green"),
-            str(st.done) + (f" ({st.skipped} earlier)" if st.skipped else ""),
+            str(c.done) + (f" ({c.skipped} earlier)" if c.skipped else ""),
             ("  failed ", "red"),
-            str(st.failed + st.expired + st.cancelled),
+            str(c.failed),
             ("  rejected ", "yellow"),
             str(c.rejected),
-            *((("  unresolved ", "magenta"), str(st.unresolved)) if st.unresolved else ()),
+            *((("  unresolved ", "magenta"), str(c.unresolved)) if c.unresolved else ()),
             ("  429s ", "dim"),
             str(st.throttled),
             ("  billed ", "dim"),
-            f"{st.billed_seconds:.1f} s",
+            f"{c.billed:.1f} s",
         )
         return Group(bar, stages, outcomes)
 
@@ -240,8 +273,8 @@ class Progress:
         """Draw the final state and stop the live view."""
         self._refresh_counts()
         if self._live is not None:
-            self._live.update(self._renderable(), refresh=True)
+            self._live.update(self._renderable(final=True), refresh=True)
             self._live.stop()
             self._live = None
         elif self.mode == "plain":
-            print(self.counts.line(), file=self._stream, flush=True)
+            print(self.counts.line(final=True), file=self._stream, flush=True)

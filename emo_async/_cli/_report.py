@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -10,9 +11,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import anyio
+import attrs
 
 from emo_async import (
     AuthenticationError,
+    BatchEvent,
     ErrorInfo,
     InputError,
     Job,
@@ -23,10 +26,13 @@ from emo_async import (
 )
 from emo_async._manifest import ManifestRow
 
-from ._output import Output, UsageError, err_fields, fmt_seconds
+from ._output import Output, UsageError, err_fields, fmt_seconds, problem_text
 from ._progress import Counts, Progress, fmt_duration, printable
 
-__all__ = ["REPORT_FIELDS", "Report", "Sink", "advice", "summary"]
+__all__ = ["PENDING", "REPORT_FIELDS", "Report", "Sink", "advice", "summary"]
+
+#: The state of a row without an outcome: the run stopped before it finished (or began).
+PENDING: Final = "pending"
 
 REPORT_FIELDS: Final = (
     "row",
@@ -108,30 +114,83 @@ class Sink:
         self.counts = counts
         self.report = report
         self.states: dict[str, int] = {s.value: 0 for s in OutcomeState}
+        # The display counts what the summary and the report count: these very outcomes.
+        counts.states = self.states
         self.skipped = 0
         #: Files of jobs done in an earlier run (their seconds were billed then).
         self.skipped_paths: set[str] = set()
+        #: Seconds billed for the tasks this run created (see :meth:`event`).
         self.billed = 0.0
-        self.failures: list[tuple[int | None, str, str]] = []
+        #: The journal's billed seconds over every run, once read after the run.
+        self.billed_total: float | None = None
+        self.pending = 0
+        self.failures: list[tuple[int, str, str]] = []
         self.failure_count = 0
         self.auth_error: str | None = None
         #: (row, name, candidate task ids) of every unresolved job, for the closing advice.
         self.unresolved: list[tuple[int | None, str, tuple[str, ...]]] = []
         # id(job) -> (job, row): the job is kept so its id cannot be reused meanwhile.
         self._rows: dict[int, tuple[Job, int]] = {}
+        #: Manifest rows that have their line in the report (an outcome or a rejection).
+        self.rows_reported: set[int] = set()
+        self._created: set[str] = set()
+        #: Jobs whose outcome came with no row known yet, by how many such outcomes.
+        self._early: dict[Job, list[dict[str, Any]]] = {}
+        self._resumed: set[str] = set()
 
-    def remember(self, row: ManifestRow) -> None:
+    def event(self, event: BatchEvent) -> None:
+        """Note which tasks this run created: only their seconds are billed to this run."""
+        if event.kind == "skipped":
+            self.skipped += 1
+            self.counts.skipped = self.skipped
+            if event.detail:
+                self.skipped_paths.add(event.detail)
+        elif event.kind in ("submitted", "adopted") and event.task_id:
+            self._created.add(event.task_id)
+        elif event.kind == "resumed" and event.task_id:
+            # Submitted (and billed) by an earlier run; this one only waits for it.
+            self._resumed.add(event.task_id)
+
+    async def remember(self, row: ManifestRow) -> None:
         assert row.job is not None
+        if await self.accounted(row):
+            return
         self._rows[id(row.job)] = (row.job, row.row)
+
+    async def accounted(self, row: ManifestRow) -> bool:
+        """Whether the row has its line in the report, writing it if its outcome came first.
+
+        A job the batch picked up from the journal at start reports the journal's copy of the
+        job (equal, not the same object), often before its row is read: that outcome's line
+        waits for its row number here.
+        """
+        if row.row in self.rows_reported:
+            return True
+        waiting = self._early.get(row.job) if row.job is not None else None
+        if waiting:
+            record = waiting.pop(0)
+            record["row"] = row.row
+            self.rows_reported.add(row.row)
+            await self._record(record)
+            return True
+        return False
+
+    async def flush(self) -> None:
+        """Write the outcomes no row claimed (with no row number): none is ever dropped."""
+        for records in self._early.values():
+            for record in records:
+                await self._record(record)
+        self._early.clear()
 
     def _row_of(self, job: Job) -> int | None:
         found = self._rows.pop(id(job), None)
         return found[1] if found is not None and found[0] is job else None
 
     def _failure(self, row: int | None, name: str, text: str) -> None:
+        # Listed in row order, whatever order they finished in: the first rows are kept.
         self.failure_count += 1
-        if len(self.failures) < _LISTED_FAILURES:
-            self.failures.append((row, name, text))
+        bisect.insort(self.failures, (row if row is not None else 1 << 62, name, text))
+        del self.failures[_LISTED_FAILURES:]
 
     async def _record(self, record: dict[str, Any]) -> None:
         if self.out.json:
@@ -140,11 +199,11 @@ class Sink:
             await self.report.add(record)
 
     async def bad_row(self, row: ManifestRow) -> None:
-        self.counts.bad_rows += 1
         self.states[OutcomeState.REJECTED.value] += 1
-        error = _manifest_error(row)
+        self.rows_reported.add(row.row)
+        error = _row_error(row)
         name = printable(row.label)
-        text = "; ".join(str(p) for p in row.problems)
+        text = "; ".join(problem_text(p) for p in row.problems)
         self._failure(row.row, name, f"rejected: {text}")
         if not self.out.quiet:
             self.progress.note(f"✗ row {row.row} ({name}): rejected: {text}", style="yellow")
@@ -162,25 +221,48 @@ class Sink:
             }
         )
 
+    async def pending_row(self, row: ManifestRow) -> None:
+        """A row the run did not finish: its line in the report says so."""
+        self.pending += 1
+        await self._record(
+            {
+                "row": row.row,
+                "name": row.name,
+                "state": PENDING,
+                "task_id": None,
+                "path": None,
+                "size": None,
+                "sha256": None,
+                "billed_seconds": None,
+                **err_fields(None),
+            }
+        )
+
     async def outcome(self, outcome: Outcome) -> None:
         row = self._row_of(outcome.job)
+        if row is not None:
+            self.rows_reported.add(row)
         state = outcome.state.value
         self.states[state] += 1
-        earlier = outcome.path is not None and str(outcome.path) in self.skipped_paths
         self.skipped_paths.discard(str(outcome.path))
-        if outcome.billed_seconds and not earlier:
+        task = outcome.task_id
+        if outcome.billed_seconds and task in self._created and task not in self._resumed:
             self.billed += outcome.billed_seconds
+            self.counts.billed = self.billed
         name = printable(outcome.job.display_name)
         where = f"row {row} ({name})" if row is not None else name
         error = outcome.error
+        problems = _problems_of(outcome)
+        if problems and error is not None:
+            # The same words as on screen (a limit only where it applies).
+            error = attrs.evolve(error, message="; ".join(problem_text(p) for p in problems))
         if outcome.state == OutcomeState.UNRESOLVED:
             error = _unresolved_error(outcome)
             self.unresolved.append((row, name, _candidates_of(outcome)))
         # Successes are counted, not listed: one line per video is noise in a 10,000-row batch.
         if not outcome.ok:
-            problems = _problems_of(outcome)
             if problems:
-                text = "; ".join(str(p) for p in problems)
+                text = "; ".join(problem_text(p) for p in problems)
             elif error is not None:
                 code = f" [{error.code}]" if error.code else ""
                 text = f"{error.kind}{code}: {error.message}"
@@ -194,28 +276,34 @@ class Sink:
                 self.progress.note(f"✗ {where}: {state}: {text}", style=style)
             if isinstance(outcome.exception, AuthenticationError) and self.auth_error is None:
                 self.auth_error = str(outcome.exception)
-        await self._record(
-            {
-                "row": row,
-                "name": outcome.job.display_name,
-                "state": state,
-                "task_id": outcome.task_id,
-                "path": str(outcome.path) if outcome.path else None,
-                "size": outcome.size,
-                "sha256": outcome.sha256,
-                "billed_seconds": outcome.billed_seconds,
-                **err_fields(error),
-            }
-        )
+        record = {
+            "row": row,
+            "name": outcome.job.display_name,
+            "state": state,
+            "task_id": outcome.task_id,
+            "path": str(outcome.path) if outcome.path else None,
+            "size": outcome.size,
+            "sha256": outcome.sha256,
+            "billed_seconds": outcome.billed_seconds,
+            **err_fields(error),
+        }
+        if row is None:
+            self._early.setdefault(outcome.job, []).append(record)
+        else:
+            await self._record(record)
 
     @property
     def unsuccessful(self) -> int:
         return sum(n for s, n in self.states.items() if s != OutcomeState.DONE.value)
 
 
-def _manifest_error(row: ManifestRow) -> ErrorInfo:
-    text = "; ".join(str(p) for p in row.problems)
-    return ErrorInfo(kind="ManifestError", message=f"row {row.row}: {text}")
+def _row_error(row: ManifestRow) -> ErrorInfo:
+    """A row rejected before anything was sent. One rule for every such row, whether its cells
+    could not be read (a box of 3 numbers) or its files break the limits (a missing file):
+    ``InputError``, the error of a job's input. ``ManifestError`` is the whole manifest's
+    (unreadable, a required column missing), which stops the run before any row."""
+    text = "; ".join(problem_text(p) for p in row.problems)
+    return ErrorInfo(kind="InputError", message=f"row {row.row}: {text}")
 
 
 def _candidates_of(outcome: Outcome) -> tuple[str, ...]:
@@ -259,7 +347,18 @@ def summary(sink: Sink, out: Output, elapsed: float, extra: Sequence[tuple[str, 
         ("expired", str(sink.states["expired"])),
         ("cancelled", str(sink.states["cancelled"])),
         ("unresolved", str(sink.states["unresolved"])),
+        *([("pending", f"{sink.pending} (not finished)")] if sink.pending else []),
         ("billed", fmt_seconds(sink.billed) + " of video (this run)"),
+        *(
+            [
+                (
+                    "billed",
+                    fmt_seconds(sink.billed_total) + " of video (total: every run of the journal)",
+                )
+            ]
+            if sink.billed_total is not None
+            else []
+        ),
         ("elapsed", fmt_duration(elapsed)),
         *extra,
     ]
@@ -280,7 +379,7 @@ def summary(sink: Sink, out: Output, elapsed: float, extra: Sequence[tuple[str, 
     if sink.failure_count:
         out.say(f"jobs without a video ({sink.failure_count}):")
         for row, name, text in sink.failures:
-            where = f"row {row} ({name})" if row is not None else name
+            where = f"row {row} ({name})" if row < 1 << 62 else name
             out.say(f"  {where}: {text}")
         if sink.failure_count > len(sink.failures):
             out.say(

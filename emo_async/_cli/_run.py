@@ -12,7 +12,14 @@ from typing import Any
 import anyio
 import attrs
 
-from emo_async import DEFAULT_LIMITS, DEFAULT_POLL_POLICY, BatchEvent, Client, Job
+from emo_async import (
+    DEFAULT_LIMITS,
+    DEFAULT_POLL_POLICY,
+    Client,
+    EmoError,
+    Job,
+    read_summary,
+)
 
 from ._output import (
     EXIT_FAILED,
@@ -28,6 +35,7 @@ from ._output import (
     progress_mode,
     setup_logging,
 )
+from ._preflight import preflight
 from ._progress import Counts, Progress
 from ._report import Report, Sink, advice, summary
 from ._validate import cmd_validate, load_manifest, rows_of
@@ -83,17 +91,10 @@ async def execute(
 ) -> bool:
     """Run a batch with the progress display; True if it was interrupted."""
     interrupted = [False]
-
-    def on_event(event: BatchEvent) -> None:
-        if event.kind == "skipped":
-            sink.skipped += 1
-            if event.detail:
-                sink.skipped_paths.add(event.detail)
-
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_watch_signals, outer.cancel_scope, interrupted)
-            run = client.run_batch(jobs, out_dir, on_event=on_event, **batch_kwargs)
+            run = client.run_batch(jobs, out_dir, on_event=sink.event, **batch_kwargs)
             try:
                 async with run as outcomes:
                     progress.attach(run.stats)
@@ -102,6 +103,8 @@ async def execute(
                         async for outcome in outcomes:
                             await sink.outcome(outcome)
                             if sink.auth_error is not None:
+                                # Every other job would be refused too: stop; the rows not
+                                # finished are reported pending, for a run with the right key.
                                 break
                         tg.cancel_scope.cancel()
             finally:
@@ -142,6 +145,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
     poll = attrs.evolve(DEFAULT_POLL_POLICY, target_delay=args.poll_delay)
     client = make_client(args, key, limits=limits, poll=poll)
     await make_out_dir("--out", args.out)
+    # Local mistakes first, then the network: a wrong key or no network is one line, not a
+    # batch of failed jobs.
+    await preflight(args, key)
     if args.no_journal:
         journal: Path | bool = False
     else:
@@ -165,7 +171,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
             if row.job is None:
                 await sink.bad_row(row)
                 continue
-            sink.remember(row)
+            await sink.remember(row)
             yield row.job
 
     if not out.quiet:
@@ -191,9 +197,19 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     "reconcile": args.reconcile,
                 },
             )
+        # Every row of the manifest has its line: those without an outcome are pending.
+        async for row in rows_of(manifest):
+            if not await sink.accounted(row):
+                await sink.pending_row(row)
+        await sink.flush()
     finally:
         if report is not None:
             await report.aclose()
+    if journal_path is not None:
+        try:
+            sink.billed_total = (await read_summary(journal_path)).billed_seconds
+        except EmoError:
+            sink.billed_total = None  # the summary says what this run billed all the same
     elapsed = anyio.current_time() - started
     extra = [("output", str(args.out))]
     if journal_path is not None:
@@ -227,7 +243,11 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 "total": total,
                 **sink.states,
                 "skipped": sink.skipped,
+                "pending": sink.pending,
                 "billed_seconds": round(sink.billed, 3),
+                "billed_seconds_total": None
+                if sink.billed_total is None
+                else round(sink.billed_total, 3),
                 "elapsed": round(elapsed, 3),
                 "interrupted": interrupted,
                 "exit_code": code,

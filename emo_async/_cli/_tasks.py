@@ -31,6 +31,7 @@ from ._output import (
     err_fields,
     journal_path,
     make_client,
+    problem_text,
     setup_logging,
 )
 from ._progress import printable
@@ -61,7 +62,7 @@ async def cmd_detect(args: argparse.Namespace) -> int:
         except InputError as exc:
             for problem in exc.problems:
                 if problem.field != "audio":
-                    out.error(str(problem))
+                    out.error(problem_text(problem))
             return EXIT_FAILED
     async with make_client(args, key) as client:
         url = image if local is None else await client.upload(local, model=_DETECT_MODEL)

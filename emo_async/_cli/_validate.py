@@ -16,7 +16,7 @@ from emo_async import Estimate, InputError, Problem, validate_job
 from emo_async._manifest import COLUMNS, Manifest, ManifestRow, open_manifest
 from emo_async._names import NamePlan
 
-from ._output import EXIT_FAILED, EXIT_OK, JOURNAL_NAME, Output, fmt_seconds
+from ._output import EXIT_FAILED, EXIT_OK, JOURNAL_NAME, Output, fmt_seconds, problem_text
 from ._progress import printable
 
 __all__ = [
@@ -194,12 +194,11 @@ async def cmd_validate(args: argparse.Namespace, *, dry_run: bool = False) -> in
                     "name": label,
                     "field": problem.field,
                     "message": problem.message,
-                    "limit": problem.limit,
+                    "limit": problem.limit if problem_text(problem) == str(problem) else None,
                 }
             )
         if not out.quiet or out.json:
-            limit = f" (limit: {problem.limit})" if problem.limit else ""
-            out.say(f"row {row} ({label}): {problem.field}: {problem.message}{limit}")
+            out.say(f"row {row} ({label}): {problem_text(problem)}")
 
     def on_note(row: int, label: str, note: str) -> None:
         if out.json:
