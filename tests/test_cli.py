@@ -613,3 +613,22 @@ class TestPublicAPIOnly:
                             assert alias.name in emo_async.__all__, (where, alias.name)
                     elif module.startswith("emo_async"):
                         assert module in allowed_modules | owned, (where, module)
+
+
+class TestWorkspace:
+    """`--workspace` reaches every API request; a missing one is a one-line usage error."""
+
+    async def test_detect_with_and_without_the_workspace(self, media: Path) -> None:
+        config = SimulatorConfig(api_keys={KEY}, workspace="ws-cli-test", time_scale=0.01)
+        async with Simulator(config) as sim:
+            args = ("detect", media / "portrait-01.png", "--json", *connection(sim)[:4])
+            missing = await cli(*args)
+            assert missing.returncode == 2, text(missing)
+            assert len(missing.stderr.decode().strip().splitlines()) == 1
+            given = await cli(*args, "--workspace", "ws-cli-test")
+            assert given.returncode == 0, text(given)
+            assert json.loads(given.stdout.decode())["check_pass"] is True
+            env = _env()
+            env["DASHSCOPE_WORKSPACE"] = "ws-cli-test"
+            from_env = await cli(*args, env=env)
+            assert from_env.returncode == 0, text(from_env)

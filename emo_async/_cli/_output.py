@@ -123,7 +123,9 @@ def api_key(args: argparse.Namespace) -> str:
 
 def make_client(args: argparse.Namespace, key: str, **kwargs: Any) -> Client:
     try:
-        return Client(key, base_url=args.base_url, **kwargs)
+        return Client(
+            key, base_url=args.base_url, workspace=getattr(args, "workspace", None), **kwargs
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -57,7 +57,13 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--base-url",
-        help="API base URL (default: $DASHSCOPE_HTTP_BASE_URL, else Beijing's endpoint)",
+        help="API base URL (default: $DASHSCOPE_BASE_URL, else $DASHSCOPE_HTTP_BASE_URL, else"
+        " Beijing's endpoint)",
+    )
+    p.add_argument(
+        "--workspace",
+        metavar="ID",
+        help="Model Studio workspace, sent on every API request (default: $DASHSCOPE_WORKSPACE)",
     )
 
 
