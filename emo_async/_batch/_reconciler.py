@@ -35,6 +35,10 @@ __all__ = ["Reconciler", "Sweep", "sweep_task_list"]
 
 logger = logging.getLogger("emo_async.batch")
 
+#: Reads of the task list in a row that may fail before the pending lost submits are decided
+#: on no evidence at all (which leaves them unresolved, for a later run to settle).
+_MAX_FAILED_READS = 20
+
 
 @attrs.frozen
 class Sweep:
@@ -136,6 +140,7 @@ class Reconciler:
         self._wake = anyio.Event()
         self._finished: dict[str, Task] = {}
         self._no_more_witnesses = False
+        self._failed_reads = 0
         self.rounds = 0
 
     @property
@@ -210,9 +215,15 @@ class Reconciler:
                 skew=skew,
             )
         except EmoError as exc:
-            # Nothing read proves nothing: every lost submit waits, or ends unresolved.
+            # Nothing read proves nothing, and deciding on it would give up on tasks the list
+            # would show next time: wait for a read that works, for a while.
+            self._failed_reads += 1
             logger.warning("reconciling %d lost submit(s): task list failed: %s", len(losts), exc)
+            if self._failed_reads < _MAX_FAILED_READS:
+                return
             found = Sweep((), None, False)
+        else:
+            self._failed_reads = 0
         # Tasks answered while the list was read are ours too: taken after it, they are never
         # mistaken for strangers.
         own = {**self._known(), **self._client.owned.snapshot()}
