@@ -44,9 +44,15 @@ __all__ = [
 ]
 
 #: Billed seconds may differ from our measurement of the audio by this much (absolute) …
-DURATION_SLACK = 0.05
-#: … or this fraction of it, whichever is larger.
-DURATION_FRACTION = 0.01
+DURATION_SLACK = 0.02
+#: … or this fraction of it, whichever is larger (a narrow match: a wider one lets another
+#: program's clip pass for ours more often).
+DURATION_FRACTION = 0.005
+#: A finished task billed further than this from the job's audio (absolute, or the fraction,
+#: whichever is larger) is clearly not the job's. Between the two bounds a task is neither
+#: adopted nor released: it stays a candidate, and its video is kept.
+RELEASE_SLACK = 0.15
+RELEASE_FRACTION = 0.03
 
 _FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"})
 
@@ -161,14 +167,13 @@ class Decision:
 
 def clearly_not_for(task: ListedTask, audio: float | None, ratio: str | None = None) -> bool:
     """Whether a finished task was billed for something else than this job's audio: a ratio
-    of its own, or a duration well outside the matching tolerance (three times it, so that a
-    task near the edge stays unexplained rather than released)."""
+    of its own, or a duration well outside the matching tolerance (a task near the edge stays
+    unexplained rather than released)."""
     if audio is None or task.status != "SUCCEEDED" or task.video_duration is None:
         return False
     if task.video_ratio and ratio and task.video_ratio != ratio:
         return True
-    slack = 3 * max(DURATION_SLACK, DURATION_FRACTION * audio)
-    return abs(task.video_duration - audio) > slack
+    return abs(task.video_duration - audio) > max(RELEASE_SLACK, RELEASE_FRACTION * audio)
 
 
 def durations_match(
@@ -421,9 +426,16 @@ def _verdict(
             else f"task {matches[0].task_id} matches this job and another lost submit"
         )
         return Decision(Verdict.UNRESOLVED, reason, candidates=tuple(matches))
-    # Billed for other durations: not ours, but unexplained, so absence is not proven either.
+    # None billed exactly for this job's audio, but not clearly for other audio either: not
+    # adopted, not resent, and those near enough to be ours are kept.
+    maybe = tuple(
+        t
+        for t in near
+        if t.status == "SUCCEEDED" and not clearly_not_for(t, lost.audio_seconds, lost.ratio)
+    )
     return Decision(
         Verdict.UNRESOLVED,
         f"{len(inside)} unknown task(s) in the submit window, none billed for this job's"
         f" {lost.audio_seconds} s of audio: not resending while they are unexplained",
+        candidates=maybe,
     )
