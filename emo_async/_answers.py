@@ -70,6 +70,10 @@ def api_answer(
         return ApiResponse(status=status, body=body, headers=headers)
     if body is None:
         body = {"message": f"HTTP {status}: {text}" if text else f"HTTP {status}"}
+    elif billed and (task_id := _task_id(body)):
+        # Whatever the status says, an answer to a billed submit that names its task is a task.
+        logger.warning("%s -> %d, but it names task %s: taken as created", what, status, task_id)
+        return ApiResponse(status=status, body=body, headers=headers)
     err = error_from_response(status, body, headers, request_id=rid_header)
     logger.debug("%s -> %d %s request_id=%s", what, status, err.code, err.request_id)
     raise err

@@ -352,6 +352,20 @@ class TestBilledSubmit:
         assert task.task_id == "T-200"
         assert scripted.count("video-synthesis") == 1
 
+    @pytest.mark.parametrize("status", [400, 500, 503])
+    async def test_any_status_naming_a_task_is_a_created_task(
+        self, scripted: Scripted, status: int
+    ) -> None:
+        """An answer to the billed submit that carries a task id is a task, whatever its status
+        (never an error that drops the id, never a retry that pays twice)."""
+        scripted.script = lambda r, n: web.json_response(
+            {"request_id": "r", "code": "X", "output": {"task_id": "T-ANY"}}, status=status
+        )
+        async with make_client(scripted) as client:
+            task = await self.submit(client)
+        assert task.task_id == "T-ANY"
+        assert scripted.count("video-synthesis") == 1
+
     async def test_200_with_code_and_no_task_id_stays_an_error(self, scripted: Scripted) -> None:
         scripted.script = lambda r, n: err(200, "InvalidParameter", "hidden in a 200")
         async with make_client(scripted) as client:
