@@ -332,3 +332,18 @@ class TestChangedInputs:
             assert len(sim.ledger.tasks_created) == 2  # the old task and the new audio's
             states = sorted(o.state for o in outcomes)
             assert states == sorted([OutcomeState.UNRESOLVED, OutcomeState.DONE])
+
+
+class TestListPaging:
+    """A task list that ignores ``page_no`` and sends no ``total_page`` is read once, not
+    forever (issue 16), and proves nothing about its end to the reconciler (issue 14)."""
+
+    async def test_paging_stops_at_a_repeated_page(self) -> None:
+        async with Simulator(sim_config(faults=FaultConfig(list_ignores_page_no=True))) as sim:
+            for _ in range(12):
+                sim.create_foreign_task(audio_seconds=3.0)
+            async with client_for(sim) as client:
+                with anyio.fail_after(20):
+                    items = [i async for i in client.list_tasks(page_size=5)]
+            assert len(items) == 5
+            assert sum(1 for r in sim.ledger.requests if r.endpoint == "task_list") == 2
