@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from test_batch import sim_config as batch_sim_config
 from test_cli import KEY, cli, connection, text, write_manifest
 
 from emo_async import Client, InputError, Job, Limits, OutcomeState, PollPolicy, RetryPolicy
@@ -24,19 +25,8 @@ pytestmark = pytest.mark.anyio
 
 
 def sim_config(**kw: Any) -> SimulatorConfig:
-    base: dict[str, Any] = {
-        "api_keys": {KEY},
-        "time_scale": 0.002,
-        "submit_qps": None,
-        "task_qps": 50.0,
-        "list_qps": 50.0,
-        "detect_qps": 50.0,
-        "policy_qps": None,
-        "max_running": 1000,
-        "policy_ttl": 1e7,
-    }
-    base.update(kw)
-    return SimulatorConfig(**base)
+    """test_batch's simulated account, accepting the CLI tests' key."""
+    return batch_sim_config(api_keys={KEY}, **kw)
 
 
 def client_for(sim: Simulator) -> Client:
