@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from _media_fixtures import FIXED, FileServer
 from aiohttp import web
 
+from emo_async._pg.testing import PostgresNotInstalled, TempPostgres
 from emo_async.simulator import Simulator
 
 
@@ -49,3 +52,29 @@ async def sim() -> AsyncIterator[Simulator]:
     """
     async with Simulator(FIXED) as simulator:
         yield simulator
+
+
+# -- PostgreSQL: one throwaway server per test process, one fresh database per test -----------
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[TempPostgres]:
+    """A real PostgreSQL server in a temporary folder (initdb + pg_ctl, as ``postgres`` when
+    the tests run as root). Skips when the server programs are missing, unless
+    ``EMO_ASYNC_REQUIRE_POSTGRES=1`` (set by ``.ci/run``): then it fails."""
+    try:
+        server = TempPostgres.start()
+    except PostgresNotInstalled:
+        if os.environ.get("EMO_ASYNC_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip("PostgreSQL is not installed")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: TempPostgres) -> str:
+    """The DSN of an empty database of its own for this test."""
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
