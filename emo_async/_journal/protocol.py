@@ -6,6 +6,10 @@ The promises every backend keeps: each ``record_*``, ``clear_intent``, ``reset_e
 cancelled; a phase check and its change are one atomic step; refused transitions raise
 :class:`~emo_async.JournalError` and change nothing; a task id belongs to at most one job.
 Records, phases and candidates are the shared types of :mod:`.records`.
+
+:class:`ClaimingStore` is what a journal shared by several workers adds (the PostgreSQL one):
+claims with leases, the open-task quota across workers, and every worker's open intents. A
+backend of one process (SQLite) need not have it; check with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import attrs
+
 from .._models import Detection, ErrorInfo, Job
 from .records import Candidate, JobPhase, JobRecord
 from .summary import JournalSummary
 
-__all__ = ["JournalStore"]
+__all__ = ["ClaimingStore", "JournalStore", "OpenIntent"]
 
 
 @runtime_checkable
@@ -124,3 +130,57 @@ class JournalStore(Protocol):
     # ---- summary
 
     async def summary(self, *, now: _dt.datetime | None = None) -> JournalSummary: ...
+
+
+@attrs.frozen(kw_only=True)
+class OpenIntent:
+    """An intent without a task id, of any worker and any batch of the account: a submit
+    whose answer nobody has recorded (yet). A reconciler treats another worker's as a
+    competing lost submit: a task it cannot attribute may be that one's.
+
+    Attributes:
+        batch: The batch of the job.
+        key: The job's key.
+        phase: ``intent`` or ``unresolved``.
+        owner: The worker whose claim the job is under (None: unclaimed).
+        intent_at: When the intent was recorded, on the recording worker's clock (the one its
+            reconciler compares with the API's task times).
+        server_at: When the intent was recorded, on the database server's clock (the one
+            every worker shares; compare it with :meth:`ClaimingStore.server_now`).
+        lease_until: When the owner's claim runs out unless it heartbeats (server clock).
+    """
+
+    batch: str
+    key: str
+    phase: JobPhase
+    owner: str | None
+    intent_at: _dt.datetime | None
+    server_at: _dt.datetime | None
+    lease_until: _dt.datetime | None
+
+
+@runtime_checkable
+class ClaimingStore(JournalStore, Protocol):
+    """A journal several workers share: each works only on the jobs it claimed.
+
+    Promises on top of :class:`JournalStore`'s: a job is claimed by one owner at a time, until
+    its lease (on the server's clock) runs out without a :meth:`heartbeat`; the open-task
+    quota of :meth:`reserve_submit` holds across every worker; :meth:`known_task_ids` and
+    :meth:`open_intents` cover every batch and every worker of the account.
+    """
+
+    async def enqueue(self, items: Iterable[tuple[str, Job]]) -> int: ...
+
+    async def claim(self, owner: str, limit: int, lease: float) -> list[JobRecord]: ...
+
+    async def heartbeat(self, owner: str, lease: float) -> int: ...
+
+    async def release_claims(self, owner: str, keys: Iterable[str] | None = None) -> int: ...
+
+    async def reserve_submit(
+        self, key: str, owner: str, max_tasks: int, *, at: _dt.datetime | None = None
+    ) -> bool: ...
+
+    async def open_intents(self) -> list[OpenIntent]: ...
+
+    async def server_now(self) -> _dt.datetime: ...

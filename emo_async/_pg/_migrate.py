@@ -49,11 +49,15 @@ MIGRATIONS: tuple[Migration, ...] = _load()
 async def migrate(pool: AsyncConnectionPool[Any]) -> int:
     """Apply every migration the database lacks; return the schema version now in place."""
     async with pool.connection() as conn:
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS emo_schema_migrations ("
-            " version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
-        )
+        # Under the lock too: two processes' CREATE TABLE IF NOT EXISTS on a fresh database
+        # race, and the loser fails on the catalog's unique index instead of skipping.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS emo_schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+            )
         for mig in MIGRATIONS:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
