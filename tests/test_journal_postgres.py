@@ -535,6 +535,8 @@ class TestSharedAcrossWorkers:
     async def test_an_expired_lease_returns_the_jobs(self, pg_dsn: str) -> None:
         async with await _pg(pg_dsn) as a, await _pg(pg_dsn) as b:
             await a.enqueue([("k1", _job("1")), ("k2", _job("2"))])
+            with pytest.raises(ClaimLostError, match="claimed by nobody"):
+                await a.reserve_submit("k1", "dead", max_tasks=10)
             held = await a.claim("dead", 10, lease=0.5)
             assert [r.key for r in held] == ["k1", "k2"]
             assert await b.claim("alive", 10, lease=60) == []

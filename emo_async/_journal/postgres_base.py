@@ -111,13 +111,14 @@ def candidate_of(row: Mapping[str, Any]) -> Candidate:
 
 
 def _lost(exc: BaseException) -> bool:
-    """Whether an error means the server (or the way to it) is gone, not that a statement
-    was wrong: connection exceptions (08...), shutdowns (57P...), or no SQLSTATE at all."""
+    """Whether an error means the server (or the way to it) is gone or cannot take work, not
+    that a statement was wrong: connection exceptions (08...), shutdowns (57P...), no room
+    (53...: too many connections, disk full), or no SQLSTATE at all."""
     if isinstance(exc, psycopg_pool.PoolTimeout | psycopg.InterfaceError):
         return True
     if isinstance(exc, psycopg.OperationalError):
         state = getattr(exc, "sqlstate", None)
-        return state is None or state.startswith(("08", "57P"))
+        return state is None or state.startswith(("08", "57P", "53"))
     return False
 
 
