@@ -22,6 +22,7 @@ import attrs
 from anyio import AsyncContextManagerMixin
 
 from ._calloptions import call_options
+from ._calls import _check_task_id
 from ._config import (
     DEFAULT_DOWNLOAD_TIMEOUTS,
     DEFAULT_LIMITS,
@@ -48,6 +49,8 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._download import Downloader
+    from ._models import Task
+    from ._pg._account import AccountLink, SharedAccount
 
 __all__ = ["Client", "ClientStatistics"]
 
@@ -126,6 +129,11 @@ class Client(Conveniences, AsyncContextManagerMixin):
         download_timeouts: Connect and per-read timeouts of downloads (never a total).
         trace_configs: ``aiohttp.TraceConfig`` objects attached to the API sessions (not the
             upload or download ones), e.g. for OpenTelemetry or request logging.
+        shared_account: A ``postgresql://`` DSN (or a ``SharedAccount`` to tune it) through
+            which this client shares the account with other processes: its rate limits (one
+            budget and one adaptive state for all) and one status poller for every process's
+            tasks, run by whichever process holds the account's lease. Needs the
+            ``postgres`` extra; without it nothing changes.
 
     Raises:
         ValueError: no API key, a bad base URL or workspace, or an unusable variable.
@@ -143,6 +151,7 @@ class Client(Conveniences, AsyncContextManagerMixin):
         poll: PollPolicy = DEFAULT_POLL_POLICY,
         download_timeouts: Timeouts = DEFAULT_DOWNLOAD_TIMEOUTS,
         trace_configs: Iterable[aiohttp.TraceConfig] = (),
+        shared_account: str | SharedAccount | None = None,
     ) -> None:
         # The one place of the package that reads the environment.
         settings = resolve_settings(
@@ -186,6 +195,12 @@ class Client(Conveniences, AsyncContextManagerMixin):
         )
         self._detections: SingleFlight[tuple[str, str], Detection] = SingleFlight()
         self._tg: anyio.abc.TaskGroup | None = None
+        if isinstance(shared_account, str) and not shared_account.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("shared_account must be a postgresql:// DSN")
+        self._shared = shared_account
+        self._account: AccountLink | None = None
 
     def __repr__(self) -> str:
         # Never the key, not even a part of it.
@@ -248,6 +263,18 @@ class Client(Conveniences, AsyncContextManagerMixin):
         # client of this process on the same account and key.
         self.owned = account_registry.acquire(self.base_url, self.__key, self.owned)
         try:
+            if self._shared is not None:
+                from ._pg._account import open_link
+
+                self._account = await open_link(
+                    self._shared,
+                    base_url=self.base_url,
+                    workspace=self.workspace,
+                    api_key=self.__key,
+                    limits=self.limits,
+                )
+                # Same families, but the account's rows: the request path cannot tell.
+                self._limiters = dict(self._account.limiters)
             self._http = HttpCore(
                 api_session,
                 billed_session=billed_session,
@@ -276,7 +303,11 @@ class Client(Conveniences, AsyncContextManagerMixin):
                 ):
                     self._downloader = downloader
                     self._tg = tg
-                    await tg.start(self._poller.run)
+                    if self._account is not None:
+                        # This client's poller runs only while it polls for the account.
+                        await tg.start(self._account.run, self._poller)
+                    else:
+                        await tg.start(self._poller.run)
                     self._state = "open"
                     try:
                         yield self
@@ -286,6 +317,8 @@ class Client(Conveniences, AsyncContextManagerMixin):
                     finally:
                         self._state = "closed"
                         self._poller.fail_all(ClientClosedError("the client was closed"))
+                        if self._account is not None:
+                            self._account.fail_all(ClientClosedError("the client was closed"))
                         tg.cancel_scope.cancel()
             except BaseExceptionGroup as group:
                 single = single_error(group, body_exc)
@@ -294,6 +327,8 @@ class Client(Conveniences, AsyncContextManagerMixin):
                 raise single from None
         finally:
             self._state = "closed"
+            if self._account is not None:
+                await self._account.aclose()
             account_registry.release(self.base_url, self.__key)
             await billed_session.close()
             await api_session.close()
@@ -334,6 +369,19 @@ class Client(Conveniences, AsyncContextManagerMixin):
         self._core()
         assert self._downloader is not None
         return self._downloader
+
+    async def wait(self, task_id: str, *, audio_seconds: float | None = None) -> Task:
+        """Wait until the task is finished, through the shared poller (the account's, with
+        ``shared_account``).
+
+        Returns the final snapshot whatever the outcome (check ``task.succeeded``). Takes no
+        timeout: wrap it in ``anyio.fail_after`` for one.
+        """
+        if self._account is None:
+            return await super().wait(task_id, audio_seconds=audio_seconds)
+        _check_task_id(task_id)
+        self._core()
+        return await self._account.wait(task_id, audio_seconds=audio_seconds)
 
     def statistics(self) -> ClientStatistics:
         """Counts of requests, retries, throttling, and the poller's state."""
