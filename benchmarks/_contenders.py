@@ -138,9 +138,10 @@ async def run_emo_async(spec: Mapping[str, Any]) -> dict[str, Any]:
         task_qps=float(spec["our_task_qps"]),
         detect_qps=float(spec["detect_qps"]),
         submit_qps=float(spec["submit_qps"]),
-        # The list's own limit, when the harness knows the account's.
-        **({"list_qps": float(spec["our_list_qps"])} if "our_list_qps" in spec else {}),
     )
+    if "our_list_qps" in spec:
+        # The list's own limit, when the harness knows the account's.
+        limits = attrs.evolve(limits, list_qps=float(spec["our_list_qps"]))
     rec = Recorder()
     if spec.get("inputs", "local") == "url":
         jobs = [Job(j["image_url"], j["audio_url"], name=j["name"]) for j in spec["jobs"]]

@@ -137,5 +137,5 @@ async def run_dashscope2(spec: Mapping[str, Any]) -> dict[str, Any]:
         cpu2 = cpu_seconds()
         await asyncio.gather(*(again(n, u) for n, u in rec.urls))
         cpu3 = cpu_seconds()
-    extra = {"dashscope_version": dashscope.__version__}
+    extra = {"dashscope_version": getattr(dashscope, "__version__", "?")}
     return result("dashscope2", rec, t0, t1, cpu1 - cpu0, cpu3 - cpu2, extra)
