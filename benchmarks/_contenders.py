@@ -4,6 +4,7 @@
 
 * ``emo_async``: ``Client.run_batch`` with its journal, as a user would run it;
 * ``dashscope``: the official SDK (``BaseApi`` / ``BaseAsyncApi``) driven from a thread pool;
+* ``dashscope2``: the official SDK's 2.x ``AsyncJobs`` (``benchmarks._dashscope2``);
 * ``naive``: aiohttp, ``asyncio.gather`` under a semaphore, one fixed-interval sleep loop per
   task;
 * ``memory``: emo_async's poller watching many open tasks (RSS over time);
@@ -138,6 +139,9 @@ async def run_emo_async(spec: Mapping[str, Any]) -> dict[str, Any]:
         detect_qps=float(spec["detect_qps"]),
         submit_qps=float(spec["submit_qps"]),
     )
+    if "our_list_qps" in spec:
+        # The list's own limit, when the harness knows the account's.
+        limits = attrs.evolve(limits, list_qps=float(spec["our_list_qps"]))
     rec = Recorder()
     if spec.get("inputs", "local") == "url":
         jobs = [Job(j["image_url"], j["audio_url"], name=j["name"]) for j in spec["jobs"]]
@@ -574,9 +578,17 @@ def run_cpu(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------
 
+
+async def _run_dashscope2(spec: Mapping[str, Any]) -> dict[str, Any]:
+    from benchmarks._dashscope2 import run_dashscope2
+
+    return await run_dashscope2(spec)
+
+
 KINDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "emo_async": lambda s: asyncio.run(run_emo_async(s)),
     "dashscope": run_dashscope,
+    "dashscope2": lambda s: asyncio.run(_run_dashscope2(s)),
     "naive": lambda s: asyncio.run(run_naive(s)),
     "memory": lambda s: asyncio.run(run_memory(s)),
     "cpu": run_cpu,

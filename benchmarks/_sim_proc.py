@@ -2,7 +2,8 @@
 
 ``python -m benchmarks._sim_proc --config '{"time_scale": 0.1, ...}' --dump ledger.json``
 starts :class:`emo_async.simulator.Simulator` with a :class:`SimulatorConfig` built from the
-JSON (any field; ``null`` rates mean unlimited; ``faults`` is not supported), prints the same
+JSON (any field; ``null`` rates mean unlimited; ``faults`` is a JSON object of
+:class:`FaultConfig` fields, e.g. ``{"latency": 0.15}``), prints the same
 ``EMO_SIMULATOR base_url=... api_key=...`` line as ``python -m emo_async.simulator``, and serves
 until SIGTERM/SIGINT or EOF on stdin. Then it writes what its ledger saw to ``--dump``:
 
@@ -12,6 +13,7 @@ until SIGTERM/SIGINT or EOF on stdin. Then it writes what its ledger saw to ``--
 * ``tasks``: every task created, with real monotonic times ``created``, ``started`` and
   ``ended`` (end of processing, whether or not anyone asked), ``duration`` in real seconds,
   the audio duration and the final status;
+* ``duplicate_tasks``: input fingerprint → task ids, for inputs billed more than once;
 * ``max_running_observed`` and the ``time_scale``.
 """
 
@@ -31,13 +33,13 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from emo_async.simulator import Simulator, SimulatorConfig
+from emo_async.simulator import FaultConfig, Simulator, SimulatorConfig
 
 
 def _config(raw: str) -> SimulatorConfig:
     fields: dict[str, Any] = json.loads(raw) if raw else {}
     if "faults" in fields:
-        raise SystemExit("_sim_proc: faults are not supported here")
+        fields["faults"] = FaultConfig(**fields["faults"])
     if "api_keys" in fields:
         fields["api_keys"] = frozenset(fields["api_keys"])
     return SimulatorConfig(**fields)
@@ -77,6 +79,7 @@ def dump(sim: Simulator, path: Path) -> None:
     body = {
         "time_scale": scale,
         "max_running_observed": ledger.max_running_observed,
+        "duplicate_tasks": ledger.duplicate_tasks(),
         "requests": {
             "t": [r.t for r in requests],
             "endpoint": [r.endpoint for r in requests],

@@ -88,3 +88,36 @@ class TestDownloadBenchmark:
         assert "ours / curl -o = " in table
         assert "Peak RSS growth" in table
         assert list(scratch.iterdir()) == [], "the benchmark left files behind"
+
+
+@pytest.mark.slow
+class TestRegimesBenchmark:
+    """``python -m benchmarks.regimes --quick``: one regime, one latency, two contenders."""
+
+    def test_writes_a_sane_table_for_the_query_bound_regime(self, tmp_path: Path) -> None:
+        pytest.importorskip("dashscope.v2")
+        out = tmp_path / "results"
+        command = [sys.executable, "-m", "benchmarks.regimes", "--quick", "--regimes", "query"]
+        command += ["--latencies", "150", "--contenders", "emo_async,dashscope2"]
+        command += ["--timeout", "60", "--out", str(out)]
+        done = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=100, check=False
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        table = (out / "regimes.md").read_text()
+        assert "### query-bound, 150 ms per request" in table
+        assert "| emo_async |" in table
+        assert "| dashscope2 |" in table
+        raw = json.loads((out / "regimes.json").read_text())
+        assert raw["bounds"]["query"]["binding"] == "query"
+        rows = raw["results"]["query"]["150"]
+        for name in ("emo_async", "dashscope2"):
+            r = rows[name]
+            assert not r["timed_out"]
+            assert (r["done"], r["failed"], r["tasks_created"]) == (16, 0, 16), r["failures"]
+            assert r["duplicates"] == 0
+            # Nobody beats the ideal client by much (lists aside), and the run ended after
+            # its last task did.
+            assert 0 < r["floor"] < r["makespan"] * 1.2
+            assert r["tail"] > 0
+            assert r["queries_per_job"] > 0
