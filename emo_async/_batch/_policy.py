@@ -37,8 +37,13 @@ class BatchPolicy:
         max_tasks: Tasks open on the server at once (submitted, not finished).
         submit_rate: Submits per second for this batch (default: the client's limit). A rate
             above the client's ``Limits.submit_qps`` raises: raise the client's limit instead.
-        submit_concurrency: Billed POSTs in flight at once.
-        download_concurrency: Downloads at once (default: the client's limit).
+        submit_concurrency: Billed POSTs in flight at once (default: ``max(2, ceil(rate))``
+            for this batch's submit rate, so answers taking up to a second do not slow the
+            pace; the rate limiter still spaces the POSTs). A lost answer is settled by the
+            task list's evidence, which tolerates other submits in flight: it pauses only its
+            own job.
+        download_concurrency: Downloads at once (default: the client's limit). Above the
+            client's ``Limits.max_downloads`` raises: raise the client's limit instead.
         prepare_concurrency: Jobs validated, uploaded and detected at once.
         reconcile: What to do with a lost submit answer (:class:`ReconcilePolicy`).
         cancel_pending_on_exit: On leaving early, cancel tasks still PENDING on the server.
@@ -50,7 +55,9 @@ class BatchPolicy:
 
     max_tasks: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     submit_rate: float | None = attrs.field(default=None, validator=_positive_or_none)
-    submit_concurrency: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    submit_concurrency: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
     download_concurrency: int | None = attrs.field(default=None, validator=_positive_or_none)
     prepare_concurrency: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     reconcile: ReconcilePolicy = attrs.field(
