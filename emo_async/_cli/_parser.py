@@ -111,10 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--submit-concurrency",
         type=_positive_int,
-        default=None,
+        default=1,
         metavar="N",
-        help="billed submits (POSTs) in flight at once (default: enough for the submit rate with"
-        " answers taking up to 1 s)",
+        help="billed submits (POSTs) in flight at once (default: %(default)s)",
     )
     run.add_argument(
         "--download-concurrency", type=_positive_int, help="downloads at once (default: 4)"
