@@ -289,7 +289,13 @@ class Client(Conveniences, AsyncContextManagerMixin):
                 user_agent=ua,
                 workspace=self.workspace,
             )
-            self._poller = StatusPoller(self.poll_policy, self.get_task, self._sweep_pages)
+            task_limiter = self._limiters["task"]
+            self._poller = StatusPoller(
+                self.poll_policy,
+                self.get_task,
+                self._sweep_pages,
+                query_rate=lambda: task_limiter.rate,
+            )
             body_exc: BaseException | None = None
             try:
                 async with (

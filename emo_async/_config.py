@@ -203,6 +203,14 @@ class PollPolicy:
             keeps it in its journal, so a later run looks at it again. Bounded by the
             service's 24 h task retention anyway; the default is one hour, many times an EMO
             task's usual duration.
+        tail_delay: When the task-query budget has room, the poller looks again this often
+            (seconds) at tasks it expects to have finished: the last tasks of a batch are then
+            noticed within about this long, not ``target_delay``. Only in effect while it is
+            shorter than ``target_delay``, and only at up to half the client's task-query rate.
+        tail_queries_per_task: What those extra looks may cost: each watched task earns this
+            many queries of credit, and each extra list page, or extra task query that finds
+            its task still running, spends one. So a batch pays at most this much per job
+            for its fast tail, whatever its size; 0 turns the tail looks off.
     """
 
     target_delay: float = attrs.field(default=5.0, validator=_pos)
@@ -213,6 +221,8 @@ class PollPolicy:
     prior_per_audio_second: float = attrs.field(default=3.0, validator=_nonneg)
     early_factor: float = attrs.field(default=0.9, validator=_unit)
     unknown_status_timeout: float = attrs.field(default=3600.0, validator=_pos)
+    tail_delay: float = attrs.field(default=1.0, validator=_pos)
+    tail_queries_per_task: float = attrs.field(default=0.25, validator=_nonneg)
 
 
 DEFAULT_POLL_POLICY = PollPolicy()

@@ -13,6 +13,12 @@ open. The poller instead owns every open task and decides when each is next look
 * Every due task is looked at once per ``target_delay``: that bounds the delay between a task
   finishing and the client noticing, rate permitting. All queries go through the client's
   task-query limiter, so the account limit holds whatever the number of tasks.
+* The tail: while the task-query budget has room (at most half the client's task-query rate)
+  and the tail credit lasts (``tail_queries_per_task`` per watched task), the tasks most likely
+  finished — by the durations observed so far, those past their usual duration first — are
+  looked at every ``tail_delay`` instead of every ``target_delay``: one list page for all of
+  them, or a direct query when one is left. A batch's last tasks are so noticed within about
+  ``tail_delay`` of finishing, and the batch pays at most ``tail_queries_per_task`` a job for it.
 * 429s and 5xx never stop it: the request path backs off, and a failed query is simply tried
   again on the next round.
 * A status the documents do not list (``succeeded``, ``WARMING``) is not a finish: it is logged
@@ -54,6 +60,16 @@ Timeout = Callable[[float], anyio.CancelScope]
 #: A task reported UNKNOWN this soon after we started watching it is asked again: right after
 #: a submit it means "not visible yet", not "expired".
 _UNKNOWN_GRACE = 30.0
+#: Tail looks use at most this share of the client's task-query rate: the rest stays for the
+#: regular rounds, the queries of finished tasks and anyone else using the client.
+_TAIL_SHARE = 0.5
+#: An extra look is worth its query when it finds a finished task at least this often (a list
+#: page: when it is expected to find this many).
+_TAIL_WORTH = 0.25
+#: The tail credit a client starts with, and the most it saves up (a long-lived client must not
+#: spend on one small batch what thousands of earlier tasks earned).
+_TAIL_CREDIT_START = 2.0
+_TAIL_CREDIT_CAP = 64.0
 
 
 class DurationModel:
@@ -96,6 +112,21 @@ class DurationModel:
         idx = min(len(self._sorted) - 1, int(self._q * len(self._sorted)))
         return self._early * self._sorted[idx] * self._shape(audio_seconds)
 
+    def hazard(self, audio_seconds: float | None, seen_running: float, elapsed: float) -> float:
+        """How likely a task still running ``seen_running`` seconds after submission has
+        finished by ``elapsed``, by the durations seen so far (0 before any was seen; 1 past the
+        longest seen)."""
+        ratios = self._sorted
+        if not ratios:
+            return 0.0
+        shape = self._shape(audio_seconds)
+        if elapsed / shape >= ratios[-1]:
+            return 1.0
+        n = len(ratios)
+        before = bisect.bisect_right(ratios, seen_running / shape) / n
+        by_now = bisect.bisect_right(ratios, elapsed / shape) / n
+        return max(0.0, by_now - before) / (1.0 - before)
+
     def typical(self, audio_seconds: float | None) -> float | None:
         """The median duration seen for this audio length, once anything was observed."""
         if not self._sorted:
@@ -130,6 +161,8 @@ class _Entry:
     submitted_wall: _dt.datetime
     earliest: float
     next_direct: float
+    #: Before this, the task cannot plausibly be finished (the model's guess at watch time).
+    plausible: float = 0.0
     waiters: int = 0
     done: anyio.Event = attrs.field(factory=anyio.Event)
     result: Task | None = None
@@ -138,6 +171,10 @@ class _Entry:
     seen_finished_in_list: bool = False
     list_absent: int = 0
     last_nonterminal: float = 0.0
+    #: The last answer said PENDING: queued on the server, not worth a tail look.
+    pending: bool = False
+    #: The query in flight is a tail look, paid from the tail credit unless it finds an end.
+    tail_look: bool = False
     #: When the task first answered a status nobody documented (None: its status is known).
     unknown_since: float | None = None
     warned_statuses: set[str] = attrs.field(factory=set)
@@ -156,8 +193,12 @@ class StatusPoller:
         max_concurrent_queries: int = 16,
         clock: Clock = time.monotonic,
         move_on_after: Timeout = anyio.move_on_after,
+        query_rate: Callable[[], float] | None = None,
     ) -> None:
         self.policy = policy
+        # The client's task-query rate right now (it falls after a 429): what the tail looks
+        # may use a share of. Without it, no tail looks.
+        self._query_rate = query_rate
         # Tests pass a fake clock and its timeout, to step through hours of polling at once.
         self._clock = clock
         self._move_on_after = move_on_after
@@ -173,6 +214,12 @@ class StatusPoller:
         self._list_queries = 0
         self._finished = 0
         self._tg: anyio.abc.TaskGroup | None = None
+        self._tail_credit = _TAIL_CREDIT_START
+        self._last_round = -math.inf
+        self._tail_recheck = -math.inf
+        #: Tail rounds run, and what they cost beyond finding finished tasks (statistics).
+        self.tail_rounds = 0
+        self.tail_spent = 0.0
 
     # -- public -----------------------------------------------------------------------------
 
@@ -189,12 +236,16 @@ class StatusPoller:
         now = self._clock()
         submitted = submitted_at if submitted_at is not None else now
         earliest = submitted + self.model.earliest(audio_seconds)
+        self._tail_credit = min(
+            _TAIL_CREDIT_CAP, self._tail_credit + self.policy.tail_queries_per_task
+        )
         self._entries[task_id] = _Entry(
             task_id=task_id,
             audio_seconds=audio_seconds,
             submitted=submitted,
             submitted_wall=_dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=now - submitted),
             earliest=earliest,
+            plausible=earliest,
             # With list sweeps, a task is queried directly only once a sweep says it finished
             # (or as a fallback, rarely); without them, as soon as it is due.
             next_direct=earliest + (self.policy.fallback_interval if self._list_enabled else 0.0),
@@ -255,16 +306,106 @@ class StatusPoller:
                 now = self._clock()
                 earliest_due = min(e.earliest for e in open_entries)
                 wake_at = max(next_round, earliest_due)
+                tail_at = self._tail_at()
+                if wake_at > now and tail_at <= now:
+                    if await self._tail_round(tg, open_entries, now):
+                        # It was a round: the regular cadence counts from it.
+                        next_round = now + self.policy.target_delay
+                    else:
+                        self._tail_recheck = now + self.policy.tail_delay / 4
+                    continue
                 if wake_at > now:
                     self._wakeup = anyio.Event()
-                    with self._move_on_after(wake_at - now):
+                    with self._move_on_after(min(wake_at, tail_at) - now):
                         await self._wakeup.wait()
                     continue
                 next_round = now + self.policy.target_delay
+                self._last_round = now
                 await self._round(tg, open_entries, now)
 
-    async def _round(self, tg: anyio.abc.TaskGroup, entries: list[_Entry], now: float) -> None:
-        due = [e for e in entries if e.earliest <= now and not e.querying]
+    def _tail_at(self) -> float:
+        """When a tail round may next run (infinity while tail looks are off or unaffordable)."""
+        policy = self.policy
+        if (
+            self._query_rate is None
+            or policy.tail_delay >= policy.target_delay
+            or self._tail_credit < 1.0
+            or not self.model.observations
+        ):
+            return math.inf
+        return max(self._last_round + policy.tail_delay, self._tail_recheck)
+
+    def _likelihood(self, entry: _Entry, now: float) -> float:
+        return self.model.hazard(
+            entry.audio_seconds,
+            entry.last_nonterminal - entry.submitted,
+            now - entry.submitted,
+        )
+
+    async def _tail_round(self, tg: anyio.abc.TaskGroup, entries: list[_Entry], now: float) -> bool:
+        """Spend spare budget on the open tasks most likely finished; False if none is worth a
+        look now."""
+        assert self._query_rate is not None
+        policy = self.policy
+        # Looks this round may take within the share of the rate (one round per tail_delay).
+        allowance = _TAIL_SHARE * self._query_rate() * policy.tail_delay
+        scored = sorted(
+            (
+                (self._likelihood(e, now), e)
+                for e in entries
+                if not e.querying
+                and not e.pending
+                and e.plausible <= now
+                and now - e.last_nonterminal >= policy.tail_delay
+            ),
+            key=lambda pair: pair[0],
+            reverse=True,
+        )
+        if not scored:
+            return False
+        if self._list_enabled and len(scored) >= 2:
+            pages = math.ceil(len(entries) / policy.list_page_size)
+            expected = sum(score for score, _ in scored)
+            if expected < _TAIL_WORTH or pages > min(allowance, self._tail_credit):
+                return False
+            before = self._list_queries
+            self._last_round = now
+            self.tail_rounds += 1
+            await self._round(tg, entries, now, due=[e for _, e in scored], tail=True)
+            # At least a page, whoever counted it.
+            self._spend(max(1, self._list_queries - before))
+            return True
+        picked = [
+            e
+            for score, e in scored[: int(min(allowance, self._tail_credit))]
+            if score >= _TAIL_WORTH
+        ]
+        if not picked:
+            return False
+        self._last_round = now
+        self.tail_rounds += 1
+        for e in picked:
+            # Paid up front, refunded if it finds the task finished (that query was due anyway).
+            e.tail_look = True
+            self._spend(1.0)
+            self._spawn_query(tg, e)
+        return True
+
+    def _spend(self, queries: float) -> None:
+        self._tail_credit -= queries
+        self.tail_spent += queries
+
+    async def _round(
+        self,
+        tg: anyio.abc.TaskGroup,
+        entries: list[_Entry],
+        now: float,
+        *,
+        due: list[_Entry] | None = None,
+        tail: bool = False,
+    ) -> None:
+        if due is None:
+            due = [e for e in entries if e.earliest <= now and not e.querying]
         if not due:
             return
         if self._list_enabled and len(due) >= 2:
@@ -272,6 +413,17 @@ class StatusPoller:
             if listed is not None:
                 for e in due:
                     status = listed.get(e.task_id)
+                    if status is not None and not status.is_terminal and status.is_known:
+                        # Seen running (or queued) at the start of this sweep.
+                        e.last_nonterminal = max(e.last_nonterminal, now)
+                        e.pending = status == TaskStatus.PENDING
+                    if tail:
+                        # A tail round may come right after the submit, before a lagging list
+                        # shows the task: absences count in regular rounds only.
+                        if status is not None and status.is_terminal and not e.querying:
+                            e.seen_finished_in_list = True
+                            self._spawn_query(tg, e)
+                        continue
                     e.list_absent = 0 if status is not None else e.list_absent + 1
                     if e.list_absent >= 2 and e.task_id not in self._blind:
                         self._blind.add(e.task_id)
@@ -281,6 +433,8 @@ class StatusPoller:
                                 "the task list does not show our tasks; polling tasks one by one"
                             )
                     finished = status is not None and status.is_terminal
+                    if e.querying:
+                        continue
                     if finished or e.list_absent >= 2 or now >= e.next_direct:
                         e.seen_finished_in_list = finished
                         self._spawn_query(tg, e)
@@ -318,6 +472,7 @@ class StatusPoller:
         tg.start_soon(self._query, entry)
 
     async def _query(self, entry: _Entry) -> None:
+        tail_look, entry.tail_look = entry.tail_look, False
         try:
             async with self._query_slots:
                 self._task_queries += 1
@@ -344,6 +499,10 @@ class StatusPoller:
             self._retry_later(entry, None)
             return
         if task.status.is_terminal:
+            if tail_look:
+                self._tail_credit += 1.0
+                self.tail_spent -= 1.0
+                self._wakeup.set()  # the credit may allow a tail round the loop gave up on
             self._finish(entry, task, now)
             return
         if entry.seen_finished_in_list:
@@ -351,6 +510,7 @@ class StatusPoller:
         if self._undocumented(entry, task, now):
             return
         entry.last_nonterminal = now
+        entry.pending = task.status == TaskStatus.PENDING
         if task.status == TaskStatus.PENDING:
             # Queued behind the account's concurrency cap: it has not started yet.
             wait = max(self.policy.target_delay, self.model.earliest(entry.audio_seconds))

@@ -120,7 +120,11 @@ class TestSilenceIsNoProof:
 
             async with client_for(sim) as client:
                 with anyio.fail_after(60):
-                    outcomes = await client.run_batch_all(jobs, tmp_path / "out", on_event=on_event)
+                    # One POST at a time: the faults are armed between two submits, and the
+                    # jobs after the lost one are still to send (its witnesses).
+                    outcomes = await client.run_batch_all(
+                        jobs, tmp_path / "out", on_event=on_event, submit_concurrency=1
+                    )
             lost = sum(1 for r in sim.ledger.requests if r.fault == "lost")
             assert lost >= 1
             assert sim.ledger.duplicate_tasks() == {}

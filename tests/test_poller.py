@@ -133,8 +133,11 @@ async def rig(
     *,
     sim_config: SimulatorConfig = SIM,
     rate: float | None = None,
+    query_rate: float | None = None,
 ) -> AsyncIterator[tuple[Rig, anyio.abc.TaskGroup]]:
-    """A simulator, a client, and a poller on a fake clock, running in a task group."""
+    """A simulator, a client, and a poller on a fake clock, running in a task group;
+    ``query_rate`` is the task-query rate the poller is told (None: no tail looks, as before
+    the client told it)."""
     image = files.add("face.png", portrait())
     audio = files.add("voice.wav", wav(1.0))
     clock = FakeClock()
@@ -151,7 +154,12 @@ async def rig(
                 limiter = AdaptiveRateLimiter("task", rate, clock=clock, sleep=clock.sleep)
             spy = Spy(client, clock, policy.list_page_size, limiter)
             poller = StatusPoller(
-                policy, spy.fetch, spy.list_tasks, clock=clock, move_on_after=clock.move_on_after
+                policy,
+                spy.fetch,
+                spy.list_tasks,
+                clock=clock,
+                move_on_after=clock.move_on_after,
+                query_rate=None if query_rate is None else (lambda: query_rate),
             )
             r = Rig(sim, client, clock, spy, poller, image, audio)
             async with anyio.create_task_group() as tg:

@@ -37,8 +37,14 @@ class BatchPolicy:
         max_tasks: Tasks open on the server at once (submitted, not finished).
         submit_rate: Submits per second for this batch (default: the client's limit). A rate
             above the client's ``Limits.submit_qps`` raises: raise the client's limit instead.
-        submit_concurrency: Billed POSTs in flight at once.
-        download_concurrency: Downloads at once (default: the client's limit).
+        submit_concurrency: Billed POSTs in flight at once; ``None`` derives it from this
+            batch's submit rate, ``max(2, ceil(rate))``, so answers taking up to a second do not
+            slow the pace (the rate limiter still spaces the POSTs). A lost answer is settled by
+            the task list's evidence, which tolerates other submits in flight: it pauses only
+            its own job. The default stays 1 for now: with more in flight, a kill or a burst of
+            lost answers leaves more submits unresolved (never paid twice).
+        download_concurrency: Downloads at once (default: the client's limit). Above the
+            client's ``Limits.max_downloads`` raises: raise the client's limit instead.
         prepare_concurrency: Jobs validated, uploaded and detected at once.
         reconcile: What to do with a lost submit answer (:class:`ReconcilePolicy`).
         cancel_pending_on_exit: On leaving early, cancel tasks still PENDING on the server.
@@ -50,7 +56,7 @@ class BatchPolicy:
 
     max_tasks: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     submit_rate: float | None = attrs.field(default=None, validator=_positive_or_none)
-    submit_concurrency: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    submit_concurrency: int | None = attrs.field(default=1, validator=_positive_or_none)
     download_concurrency: int | None = attrs.field(default=None, validator=_positive_or_none)
     prepare_concurrency: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     reconcile: ReconcilePolicy = attrs.field(

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import JOURNAL_FILE_NAME
@@ -34,7 +35,7 @@ from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
 from ._stager import Stager
-from ._submitter import Submitter
+from ._submitter import Submitter, default_submit_concurrency
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -81,13 +82,24 @@ class BatchRun:
         policy: BatchPolicy | None = None,
         on_event: Callable[[BatchEvent], object] | None = None,
     ) -> None:
-        self.policy = policy = policy or BatchPolicy()
+        policy = policy or BatchPolicy()
         limit = client.limits.submit_qps
         if policy.submit_rate is not None and policy.submit_rate > limit:
             raise ValueError(
                 f"submit_rate={policy.submit_rate} is above the client's limit of {limit}/s:"
                 " raise it with Client(limits=Limits(submit_qps=...)) if the account allows"
             )
+        downloads = client.limits.max_downloads
+        if policy.download_concurrency is not None and policy.download_concurrency > downloads:
+            # The client's downloader would cap it without a word.
+            raise ValueError(
+                f"download_concurrency={policy.download_concurrency} is above the client's"
+                f" limit of {downloads}: raise it with Client(limits=Limits(max_downloads=...))"
+            )
+        if policy.submit_concurrency is None:
+            rate = policy.submit_rate or limit
+            policy = attrs.evolve(policy, submit_concurrency=default_submit_concurrency(rate))
+        self.policy = policy
         self._client = client
         self._jobs = jobs
         self._total: int | None = len(jobs) if hasattr(jobs, "__len__") else None  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -32,12 +33,18 @@ if TYPE_CHECKING:
     from ._ports import Service
     from ._reconciler import Reconciler
 
-__all__ = ["MAX_SUBMITS", "Submitter"]
+__all__ = ["MAX_SUBMITS", "Submitter", "default_submit_concurrency"]
 
 logger = logging.getLogger("emo_async.batch")
 
 #: How many times one job may be (re)submitted after a submit proved not to have landed.
 MAX_SUBMITS = 4
+
+
+def default_submit_concurrency(rate: float) -> int:
+    """Billed POSTs in flight by default: enough to keep ``rate`` a second with answers that
+    take up to a second (the limiter spaces them; more in flight only wait for it)."""
+    return max(2, math.ceil(rate))
 
 
 def _now() -> _dt.datetime:
@@ -64,10 +71,16 @@ class Submitter:
         self._policy = policy
         self._slots = slots
         self._keep = keep
-        self._inflight = anyio.CapacityLimiter(policy.submit_concurrency)
+        # BatchRun resolves the default (it knows the client's submit limit).
+        self.concurrency = policy.submit_concurrency or default_submit_concurrency(
+            policy.submit_rate or 1.0
+        )
+        self._inflight = anyio.CapacityLimiter(self.concurrency)
         self._rate = (
             AdaptiveRateLimiter("batch-submit", policy.submit_rate) if policy.submit_rate else None
         )
+        # One submit at a time waits to witness lost answers' windows; the others go on.
+        self._witness_waiting = False
         #: Jobs between taking a slot and having a task or an outcome, not counting those
         #: waiting on a lost answer: while any is left, a later witness may still come.
         self.active = 0
@@ -171,10 +184,19 @@ class Submitter:
             if self._rate is not None:
                 await self._rate.acquire()
             due = self._reconciler.witness_due()
-            if due is not None and (wait := (due - _now()).total_seconds()) > 0:
+            if (
+                due is not None
+                and not self._witness_waiting
+                and (wait := (due - _now()).total_seconds()) > 0
+            ):
                 # A lost answer needs a later submit of ours to bound its window in the task
-                # list: this one goes out just late enough to be that witness.
-                await anyio.sleep(wait)
+                # list: this one goes out just late enough to be that witness. One is enough:
+                # the others go on, their tasks in the window are ours and accounted for.
+                self._witness_waiting = True
+                try:
+                    await anyio.sleep(wait)
+                finally:
+                    self._witness_waiting = False
             sent_at = _now()
             self._reconciler.note_sent(sent_at)
             if self._journal is not None:
