@@ -69,6 +69,8 @@ class ClientStatistics:
         transport_errors: Requests that got no answer.
         limiters: The rate limiters, by endpoint family.
         poller: The shared poller.
+        submit_answer_seconds: How long the latest answered submit took on the wire (rate
+            limiter waits excluded), or None before the first.
     """
 
     requests: int
@@ -78,6 +80,7 @@ class ClientStatistics:
     transport_errors: int
     limiters: Mapping[str, RateLimiterStatistics]
     poller: PollerStatistics
+    submit_answer_seconds: float | None = None
 
 
 class Client(Conveniences, AsyncContextManagerMixin):
@@ -403,6 +406,7 @@ class Client(Conveniences, AsyncContextManagerMixin):
             poller=poller.statistics()
             if poller
             else PollerStatistics(0, 0, 0, 0, self.poll_policy.use_list),
+            submit_answer_seconds=http.stats.last_billed_seconds if http else None,
         )
 
     # -- uploads -----------------------------------------------------------------------------

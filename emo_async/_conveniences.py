@@ -91,7 +91,7 @@ class Conveniences(ApiCalls):
         journal: str | os.PathLike[str] | Journal | bool | None = True,
         max_tasks: int = 10,
         submit_rate: float | None = None,
-        submit_concurrency: int | None = 1,
+        submit_concurrency: int | None = None,
         download_concurrency: int | None = None,
         prepare_concurrency: int = 4,
         reconcile: ReconcilePolicy | str = "reconcile",
@@ -116,8 +116,9 @@ class Conveniences(ApiCalls):
             max_tasks: Tasks open on the server at once (submitted, not finished).
             submit_rate: Submits per second for this batch (default: the client's limit;
                 above it raises ``ValueError``: raise ``Limits.submit_qps`` instead).
-            submit_concurrency: Billed POSTs in flight at once; ``None``: enough for the
-                submit rate with answers taking up to a second, ``max(2, ceil(rate))``.
+            submit_concurrency: Billed POSTs in flight at once (default ``None``: adapted to
+                the answers' latency, so latency does not set the pace; see
+                :class:`BatchPolicy`).
             download_concurrency: Downloads at once (default: the client's limit).
             prepare_concurrency: Jobs validated, uploaded and detected at once.
             reconcile: What to do with a submit whose answer was lost (see

@@ -63,6 +63,8 @@ class HttpStatistics:
     throttled: int = 0
     server_errors: int = 0
     transport_errors: int = 0
+    #: Seconds the latest answered billed POST took on the wire (limiter waits excluded).
+    last_billed_seconds: float | None = None
 
 
 async def with_retries(
@@ -89,6 +91,7 @@ async def with_retries(
             await limiter.acquire()
         state = SendState()
         sent_at = _dt.datetime.now(_dt.UTC)
+        on_wire = time.monotonic()
         stats.requests += 1
         try:
             result = await send(state)
@@ -130,6 +133,8 @@ async def with_retries(
             error = exc
             retry_after = exc.retry_after if isinstance(exc, RateLimitError) else None
         else:
+            if billed:
+                stats.last_billed_seconds = time.monotonic() - on_wire
             if limiter is not None:
                 limiter.on_success()
             budget.on_success()

@@ -37,12 +37,11 @@ class BatchPolicy:
         max_tasks: Tasks open on the server at once (submitted, not finished).
         submit_rate: Submits per second for this batch (default: the client's limit). A rate
             above the client's ``Limits.submit_qps`` raises: raise the client's limit instead.
-        submit_concurrency: Billed POSTs in flight at once; ``None`` derives it from this
-            batch's submit rate, ``max(2, ceil(rate))``, so answers taking up to a second do not
-            slow the pace (the rate limiter still spaces the POSTs). A lost answer is settled by
-            the task list's evidence, which tolerates other submits in flight: it pauses only
-            its own job. The default stays 1 for now: with more in flight, a kill or a burst of
-            lost answers leaves more submits unresolved (never paid twice).
+        submit_concurrency: Billed POSTs in flight at once. ``None`` (the default) adapts it
+            to the answers' latency: just enough in flight that latency does not set the pace
+            (``ceil(rate x latency x 1.5)``, at least 1, at most ``max(2, ceil(rate))``); on a
+            fast network that is 1. Fewer in flight means fewer open intents for a later run
+            to settle if the process dies. A lost answer pauses only its own job either way.
         download_concurrency: Downloads at once (default: the client's limit). Above the
             client's ``Limits.max_downloads`` raises: raise the client's limit instead.
         prepare_concurrency: Jobs validated, uploaded and detected at once.
@@ -56,7 +55,7 @@ class BatchPolicy:
 
     max_tasks: int = attrs.field(default=10, validator=attrs.validators.ge(1))
     submit_rate: float | None = attrs.field(default=None, validator=_positive_or_none)
-    submit_concurrency: int | None = attrs.field(default=1, validator=_positive_or_none)
+    submit_concurrency: int | None = attrs.field(default=None, validator=_positive_or_none)
     download_concurrency: int | None = attrs.field(default=None, validator=_positive_or_none)
     prepare_concurrency: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     reconcile: ReconcilePolicy = attrs.field(

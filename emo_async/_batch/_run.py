@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
-import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._config import JOURNAL_FILE_NAME
@@ -35,7 +34,7 @@ from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
 from ._stager import Stager
-from ._submitter import Submitter, default_submit_concurrency
+from ._submitter import Submitter
 
 if TYPE_CHECKING:
     from .._client import Client
@@ -96,9 +95,11 @@ class BatchRun:
                 f"download_concurrency={policy.download_concurrency} is above the client's"
                 f" limit of {downloads}: raise it with Client(limits=Limits(max_downloads=...))"
             )
-        if policy.submit_concurrency is None:
-            rate = policy.submit_rate or limit
-            policy = attrs.evolve(policy, submit_concurrency=default_submit_concurrency(rate))
+        #: The pace of this batch's submits; the adaptive in-flight window follows it.
+        self._submit_pace = policy.submit_rate or limit
+        # At the client's limit, the client's own submit limiter already holds the pace: a
+        # second limiter in a row would only shave a few percent off it.
+        self._own_submit_limiter = policy.submit_rate is not None and policy.submit_rate < limit
         self.policy = policy
         self._client = client
         self._jobs = jobs
@@ -232,7 +233,15 @@ class BatchRun:
                             tg.start_soon(finisher.keep, task)
 
                     submitter = Submitter(
-                        client, self._journal, report, reconciler, policy, self._slots, keep
+                        client,
+                        self._journal,
+                        report,
+                        reconciler,
+                        policy,
+                        self._slots,
+                        keep,
+                        rate=self._submit_pace,
+                        own_limiter=self._own_submit_limiter,
                     )
                     resumer = None
                     if self._journal is not None:

@@ -42,9 +42,19 @@ MAX_SUBMITS = 4
 
 
 def default_submit_concurrency(rate: float) -> int:
-    """Billed POSTs in flight by default: enough to keep ``rate`` a second with answers that
-    take up to a second (the limiter spaces them; more in flight only wait for it)."""
+    """The most billed POSTs the adaptive window keeps in flight: enough to keep ``rate`` a
+    second with answers that take up to a second (the limiter spaces them)."""
     return max(2, math.ceil(rate))
+
+
+def window_for(rate: float, latency: float, cap: int) -> int:
+    """Billed POSTs in flight so that answers taking ``latency`` seconds do not set the pace
+    at ``rate`` a second: the bandwidth-delay product with half again as margin, at least 1.
+
+    No more than that: every POST in flight when a process dies is an intent a later run must
+    settle by evidence, and overlapping ones are harder to tell apart.
+    """
+    return max(1, min(cap, math.ceil(rate * latency * 1.5)))
 
 
 def _now() -> _dt.datetime:
@@ -63,6 +73,9 @@ class Submitter:
         policy: BatchPolicy,
         slots: anyio.CapacityLimiter,
         keep: Callable[[Sequence[Task]], None],
+        *,
+        rate: float | None = None,
+        own_limiter: bool = True,
     ) -> None:
         self._service = service
         self._journal = journal
@@ -71,13 +84,17 @@ class Submitter:
         self._policy = policy
         self._slots = slots
         self._keep = keep
-        # BatchRun resolves the default (it knows the client's submit limit).
-        self.concurrency = policy.submit_concurrency or default_submit_concurrency(
-            policy.submit_rate or 1.0
-        )
-        self._inflight = anyio.CapacityLimiter(self.concurrency)
+        # ``rate``: the pace this batch submits at (BatchRun knows the client's limit).
+        self._pace = rate if rate is not None else (policy.submit_rate or 1.0)
+        #: None: the window adapts to the answers' latency (see :func:`window_for`).
+        self._fixed = policy.submit_concurrency
+        self._cap = self._fixed or default_submit_concurrency(self._pace)
+        self._latency: float | None = None
+        self._inflight = anyio.CapacityLimiter(self._fixed or 1)
         self._rate = (
-            AdaptiveRateLimiter("batch-submit", policy.submit_rate) if policy.submit_rate else None
+            AdaptiveRateLimiter("batch-submit", policy.submit_rate)
+            if policy.submit_rate and own_limiter
+            else None
         )
         # One submit at a time waits to witness lost answers' windows; the others go on.
         self._witness_waiting = False
@@ -85,6 +102,22 @@ class Submitter:
         #: waiting on a lost answer: while any is left, a later witness may still come.
         self.active = 0
         self._input_closed = False
+
+    @property
+    def concurrency(self) -> int:
+        """Billed POSTs allowed in flight now."""
+        return int(self._inflight.total_tokens)
+
+    def _answered_after(self, seconds: float | None) -> None:
+        """An answer took ``seconds`` on the wire: follow the latency (an EWMA that rises at
+        once and falls slowly, so a slow spell widens the window without delay)."""
+        if self._fixed is not None or seconds is None:
+            return
+        last = self._latency
+        self._latency = seconds if last is None or seconds > last else 0.8 * last + 0.2 * seconds
+        window = window_for(self._pace, self._latency, self._cap)
+        if window != self._inflight.total_tokens:
+            self._inflight.total_tokens = window
 
     def reserve(self) -> None:
         """Count a job that is about to call :meth:`submit` (call before starting its task)."""
@@ -217,6 +250,7 @@ class Submitter:
                     return exc, None, sent_at
                 except EmoError as exc:
                     return None, exc, sent_at
+                self._answered_after(self._service.statistics().submit_answer_seconds)
                 await self.accept(item, task.task_id, EventKind.SUBMITTED)
         return None, None, sent_at
 

@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--submit-concurrency",
         type=_positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="billed submits (POSTs) in flight at once (default: %(default)s)",
+        help="billed submits (POSTs) in flight at once (default: adapted to the network's"
+        " latency, so it does not set the pace)",
     )
     run.add_argument(
         "--download-concurrency", type=_positive_int, help="downloads at once (default: 4)"
