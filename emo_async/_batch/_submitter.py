@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -56,8 +56,12 @@ class Submitter:
         policy: BatchPolicy,
         slots: anyio.CapacityLimiter,
         keep: Callable[[Sequence[Task]], None],
+        *,
+        write_intent: Callable[[InFlight, _dt.datetime], Awaitable[_dt.datetime]] | None = None,
     ) -> None:
         self._service = service
+        #: Records the intent (durably) and returns when; a shared batch reserves a quota slot.
+        self._write_intent = write_intent or self._record_intent
         self._journal = journal
         self._report = reporter
         self._reconciler = reconciler
@@ -176,10 +180,10 @@ class Submitter:
                 # list: this one goes out just late enough to be that witness.
                 await anyio.sleep(wait)
             sent_at = _now()
-            self._reconciler.note_sent(sent_at)
             if self._journal is not None:
                 # Write-ahead: the intent is durable before any money can be spent.
-                await self._journal.record_intent(item.key, at=sent_at)
+                sent_at = await self._write_intent(item, sent_at)
+            self._reconciler.note_sent(sent_at)
             # The POST and the recording of its answer go together: a cancellation waits for
             # both, so a task id that was created is never dropped on the floor.
             with anyio.CancelScope(shield=True):
@@ -197,6 +201,11 @@ class Submitter:
                     return None, exc, sent_at
                 await self.accept(item, task.task_id, EventKind.SUBMITTED)
         return None, None, sent_at
+
+    async def _record_intent(self, item: InFlight, at: _dt.datetime) -> _dt.datetime:
+        assert self._journal is not None
+        await self._journal.record_intent(item.key, at=at)
+        return at
 
     async def accept(self, item: InFlight, task_id: str, kind: EventKind) -> None:
         """Make ``task_id`` the job's task: journal first, then everything else."""
