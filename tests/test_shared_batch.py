@@ -165,3 +165,42 @@ async def test_lost_answers_with_several_workers(tmp_path: Path, pg_dsn: str) ->
 
 def audio_sha(job: emo_async.Job) -> str:
     return sha(Path(job.audio).read_bytes())
+
+
+async def test_cli_run_and_work_share_a_batch(tmp_path: Path, pg_dsn: str) -> None:
+    from test_cli import KEY, cli, connection, text
+
+    from emo_async.simulator import SimulatorConfig
+
+    jobs = make_sample_set(tmp_path / "in", 12, portraits=2, seconds=(0.5, 1.0))
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "image,audio,name\n" + "".join(f"{j.image},{j.audio},{j.display_name}\n" for j in jobs)
+    )
+    # A DSN with a password (the test server trusts anyone), which must never be shown.
+    secret_dsn = pg_dsn.replace("postgresql://postgres@", "postgresql://postgres:hunter2-secret@")
+    assert "hunter2-secret" in secret_dsn
+    config = SimulatorConfig(api_keys={KEY}, time_scale=0.002, policy_ttl=1e6)
+    async with Simulator(config) as sim:
+        shared = ["--journal", secret_dsn, "--batch", BATCH, "--lease", "2", "-v"]
+        results: dict[str, Any] = {}
+
+        async def run() -> None:
+            results["run"] = await cli(
+                "run", manifest, "--out", tmp_path / "a", *shared, *connection(sim)
+            )
+
+        async def join() -> None:
+            await anyio.sleep(1.0)
+            results["work"] = await cli("work", "--out", tmp_path / "b", *shared, *connection(sim))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            tg.start_soon(join)
+        for name, result in results.items():
+            assert result.returncode == 0, (name, text(result))
+            assert "hunter2-secret" not in text(result)
+        assert sim.ledger.duplicate_tasks() == {}
+        assert len(sim.ledger.tasks_created) == 12
+        assert videos([tmp_path / "a", tmp_path / "b"]) == Counter(j.display_name for j in jobs)
+        assert f"shared batch {BATCH}" in text(results["work"])
