@@ -9,6 +9,7 @@ Each worker stands for a process of its own: its own Client, journal and pool, a
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,7 @@ async def test_cli_run_and_work_share_a_batch(tmp_path: Path, pg_dsn: str) -> No
         assert len(sim.ledger.tasks_created) == 12
         assert videos([tmp_path / "a", tmp_path / "b"]) == Counter(j.display_name for j in jobs)
         assert f"shared batch {BATCH}" in text(results["work"])
+        status = await cli("status", secret_dsn, "--batch", BATCH, *connection(sim)[:4], "--json")
+        assert status.returncode == 0, text(status)
+        assert "hunter2-secret" not in text(status)
+        assert json.loads(status.stdout)["by_phase"]["done"] == 12

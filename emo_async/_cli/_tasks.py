@@ -22,6 +22,7 @@ from emo_async import (
     validate_job,
 )
 
+from .._pg import is_dsn
 from ._output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -79,10 +80,28 @@ async def cmd_detect(args: argparse.Namespace) -> int:
     return EXIT_OK if detection.check_pass else EXIT_FAILED
 
 
+def _shared_batch(args: argparse.Namespace, key: str) -> Any:
+    """The shared batch a ``postgresql://`` journal argument names (open it with
+    ``async with await ...``), for the account of the connection options."""
+    from emo_async._batch._shared import account_fingerprint
+    from emo_async._journal.postgres import PostgresJournal
+
+    if not args.batch:
+        raise UsageError("a postgresql:// journal holds shared batches: name one with --batch")
+    client = make_client(args, key)
+    account = account_fingerprint(client.base_url, client.workspace, key)
+    return PostgresJournal.open(args.journal, batch=args.batch, account=account)
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     out = Output(args)
-    path = journal_path(args.journal)
-    summary = await read_summary(path)
+    if is_dsn(args.journal):
+        key = api_key(args)
+        setup_logging(args.verbose, [key])
+        async with await _shared_batch(args, key) as shared:
+            summary = await shared.summary()
+    else:
+        summary = await read_summary(journal_path(Path(args.journal)))
     if out.json:
         out.emit_json(
             {
@@ -135,12 +154,16 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     out = Output(args)
     key = api_key(args)
     setup_logging(args.verbose, [key])
-    path = journal_path(args.journal)
-    if not await anyio.Path(path).is_file():
-        raise UsageError(f"no journal at {path}")
     cancelled = not_cancellable = unknown = errors = 0
-    try:
+    journal_cm: Any
+    if is_dsn(args.journal):
+        journal_cm = await _shared_batch(args, key)
+    else:
+        path = journal_path(Path(args.journal))
+        if not await anyio.Path(path).is_file():
+            raise UsageError(f"no journal at {path}")
         journal_cm = open_journal(path)
+    try:
         async with journal_cm as journal, make_client(args, key) as client:
             records = await journal.unfinished()
             for rec in records:
