@@ -23,6 +23,7 @@ Importing this module does not import psycopg; opening a shared batch does.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import hashlib
@@ -57,6 +58,7 @@ __all__ = [
     "SharedBatch",
     "account_fingerprint",
     "is_shared_journal",
+    "open_shared_batch",
     "worker_id",
 ]
 
@@ -422,3 +424,27 @@ class SharedBatch:
             if oi.server_at <= hi and (end is None or end >= lo):
                 return True
         return False
+
+
+@contextlib.asynccontextmanager
+async def open_shared_batch(dsn: str, *, batch: str, client: Any) -> AsyncIterator[Any]:
+    """Open the shared batch ``batch`` of ``client``'s account in the PostgreSQL journal at
+    ``dsn`` (``emo-async status``/``cancel``: read it, cancel its tasks); closed on leaving.
+
+    The client need not be open: only its base URL, workspace and key name the account.
+
+    Raises:
+        PostgresUnavailable: The server cannot be reached (or the extra is not installed).
+    """
+    from .._journal.postgres import PostgresJournal
+
+    account = account_fingerprint(
+        client.base_url,
+        client.workspace,
+        client._Client__key,  # the account's digest, never the key itself
+    )
+    journal = await PostgresJournal.open(dsn, batch=batch, account=account)
+    try:
+        yield journal
+    finally:
+        await journal.aclose()

@@ -18,10 +18,11 @@ from emo_async import (
     Client,
     EmoError,
     Job,
+    is_dsn,
     read_summary,
+    redact_dsn,
 )
 
-from .._pg import is_dsn, redact_dsn
 from ._output import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,

@@ -17,12 +17,13 @@ from emo_async import (
     Job,
     JobPhase,
     JournalLockedError,
+    is_dsn,
     open_journal,
+    open_shared_batch,
     read_summary,
     validate_job,
 )
 
-from .._pg import is_dsn
 from ._output import (
     EXIT_FAILED,
     EXIT_OK,
@@ -81,16 +82,11 @@ async def cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _shared_batch(args: argparse.Namespace, key: str) -> Any:
-    """The shared batch a ``postgresql://`` journal argument names (open it with
-    ``async with await ...``), for the account of the connection options."""
-    from emo_async._batch._shared import account_fingerprint
-    from emo_async._journal.postgres import PostgresJournal
-
+    """The shared batch a ``postgresql://`` journal argument names (``async with`` it), for
+    the account of the connection options."""
     if not args.batch:
         raise UsageError("a postgresql:// journal holds shared batches: name one with --batch")
-    client = make_client(args, key)
-    account = account_fingerprint(client.base_url, client.workspace, key)
-    return PostgresJournal.open(args.journal, batch=args.batch, account=account)
+    return open_shared_batch(args.journal, batch=args.batch, client=make_client(args, key))
 
 
 async def cmd_status(args: argparse.Namespace) -> int:
@@ -98,7 +94,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
     if is_dsn(args.journal):
         key = api_key(args)
         setup_logging(args.verbose, [key])
-        async with await _shared_batch(args, key) as shared:
+        async with _shared_batch(args, key) as shared:
             summary = await shared.summary()
     else:
         summary = await read_summary(journal_path(Path(args.journal)))
@@ -157,7 +153,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     cancelled = not_cancellable = unknown = errors = 0
     journal_cm: Any
     if is_dsn(args.journal):
-        journal_cm = await _shared_batch(args, key)
+        journal_cm = _shared_batch(args, key)
     else:
         path = journal_path(Path(args.journal))
         if not await anyio.Path(path).is_file():
