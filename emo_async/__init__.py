@@ -6,6 +6,7 @@ crashed batch resumes without paying twice.
 """
 
 from ._batch import BatchEvent, BatchPolicy, BatchRun, BatchStats, EventKind, ReconcilePolicy
+from ._batch._shared import open_shared_batch
 from ._client import Client, ClientStatistics
 from ._config import (
     DEFAULT_BASE_URL,
@@ -76,6 +77,7 @@ from ._models import (
     TaskListItem,
     TaskStatus,
 )
+from ._pg import PostgresUnavailable, is_dsn, redact_dsn
 from ._samples import make_sample_set
 from ._version import __version__
 
@@ -134,6 +136,7 @@ __all__ = [
     "Outcome",
     "OutcomeState",
     "PollPolicy",
+    "PostgresUnavailable",
     "Problem",
     "QuotaExhaustedError",
     "RateLimitError",
@@ -156,9 +159,12 @@ __all__ = [
     "WorkspaceNotFoundError",
     "__version__",
     "estimate",
+    "is_dsn",
     "make_sample_set",
     "open_journal",
+    "open_shared_batch",
     "read_summary",
+    "redact_dsn",
     "url_deadline",
     "validate_job",
 ]

@@ -99,6 +99,8 @@ class Conveniences(ApiCalls):
         rebill_expired: bool = False,
         on_event: Callable[[BatchEvent], object] | None = None,
         policy: BatchPolicy | None = None,
+        batch: str | None = None,
+        lease: float = 30.0,
     ) -> BatchRun:
         """Run many jobs; an async context manager that yields outcomes as jobs finish.
 
@@ -112,7 +114,11 @@ class Conveniences(ApiCalls):
             jobs: Jobs, from a list or a lazy (async) iterable; read as capacity frees up.
             out_dir: Where videos go, as ``{name}.mp4``.
             journal: ``True`` for ``<out_dir>/.emo-journal.sqlite3``, a path, an open
-                :class:`Journal`, or ``None``/``False`` for none (no resume).
+                :class:`Journal`, or ``None``/``False`` for none (no resume); or a
+                ``postgresql://`` DSN: a batch shared with other workers (needs ``batch``).
+                The jobs are then added to the batch (by key: adding them twice adds nothing)
+                and this worker works on the batch, with the others, until every job of it
+                has ended; it yields the outcomes of the jobs it settled itself.
             max_tasks: Tasks open on the server at once (submitted, not finished).
             submit_rate: Submits per second for this batch (default: the client's limit;
                 above it raises ``ValueError``: raise ``Limits.submit_qps`` instead).
@@ -131,6 +137,9 @@ class Conveniences(ApiCalls):
             on_event: Called with a :class:`BatchEvent` on every stage change.
             policy: All of the above but ``journal`` and ``on_event`` as one
                 :class:`BatchPolicy` (it wins over the separate arguments).
+            batch: The shared batch's name (with a ``postgresql://`` journal only).
+            lease: Seconds a worker of a shared batch holds its claims unrenewed; a dead
+                worker's jobs go to the others after it.
         """
         from ._batch import BatchPolicy, BatchRun
 
@@ -144,6 +153,7 @@ class Conveniences(ApiCalls):
                 reconcile=reconcile,
                 cancel_pending_on_exit=cancel_pending_on_exit,
                 rebill_expired=rebill_expired,
+                lease=lease,
             )
         return BatchRun(
             cast("Client", self),
@@ -152,7 +162,21 @@ class Conveniences(ApiCalls):
             journal=journal,
             policy=policy,
             on_event=on_event,
+            batch=batch,
         )
+
+    def work_batch(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        journal: str,
+        batch: str,
+        **kwargs: Any,
+    ) -> BatchRun:
+        """Join a shared batch (a ``postgresql://`` journal) without adding jobs: work on its
+        jobs with the other workers until every one has ended. The same options as
+        :meth:`run_batch`; yields the outcomes of the jobs this worker settled."""
+        return self.run_batch((), out_dir, journal=journal, batch=batch, **kwargs)
 
     async def run_batch_all(
         self,

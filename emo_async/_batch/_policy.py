@@ -51,6 +51,9 @@ class BatchPolicy:
             before it was saved. Off by default: such a job is reported ``expired`` again.
         reconcile_patience: Seconds a lost answer waits for a later submit of ours to bound
             its window in the task list (default: from the client's poll policy).
+        lease: Seconds a worker of a shared batch (a ``postgresql://`` journal) holds its
+            claims without renewing them; they are renewed every third of it, and a dead
+            worker's jobs go to the others once it runs out.
     """
 
     max_tasks: int = attrs.field(default=10, validator=attrs.validators.ge(1))
@@ -64,3 +67,4 @@ class BatchPolicy:
     cancel_pending_on_exit: bool = False
     rebill_expired: bool = False
     reconcile_patience: float | None = attrs.field(default=None, validator=_positive_or_none)
+    lease: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -38,6 +38,8 @@ logger = logging.getLogger("emo_async.batch")
 #: Reads of the task list in a row that may fail before the pending lost submits are decided
 #: on no evidence at all (which leaves them unresolved, for a later run to settle).
 _MAX_FAILED_READS = 20
+#: The key suffix of a lost submit's stand-in for another worker's overlapping intent.
+_TWIN = "\x00twin"
 
 
 @attrs.frozen
@@ -116,6 +118,11 @@ class Reconciler:
         pause: Seconds between two reads of the list while something is pending.
         patience: Seconds a lost submit waits for a later task of ours to bound its window.
         settle: Seconds after a failure during which the POST may still create its task.
+        refresh: Called after each read of the list, before deciding: brings ``known`` up to
+            date (a shared journal: every task id of the account, every worker's intents).
+            Tasks answered while the list was read are then known too.
+        competing: Whether another worker's open intent overlaps a lost submit's window: no
+            task in it can then be proven ours (the submit waits, then ends unresolved).
     """
 
     def __init__(
@@ -128,8 +135,12 @@ class Reconciler:
         settle: float,
         page_size: int = 100,
         max_pages: int = 50,
+        refresh: Callable[[], Awaitable[None]] | None = None,
+        competing: Callable[[LostSubmit], bool] | None = None,
     ) -> None:
         self._client = client
+        self._refresh = refresh
+        self._competing = competing
         self._known = known
         self._pause = pause
         self._patience = patience
@@ -224,6 +235,14 @@ class Reconciler:
             found = Sweep((), None, False)
         else:
             self._failed_reads = 0
+        if self._refresh is not None:
+            try:
+                await self._refresh()
+            except EmoError as exc:
+                # Without every worker's tasks, another's would look like strangers: no
+                # decision this round.
+                logger.warning("reconciling: the shared journal could not be read: %s", exc)
+                return
         # Tasks answered while the list was read are ours too: taken after it, they are never
         # mistaken for strangers.
         own = {**self._known(), **self._client.owned.snapshot()}
@@ -235,7 +254,25 @@ class Reconciler:
                 logger.info("reconciling: query of candidate %s failed: %s", task_id, exc)
         if self._finished:
             ev = self._evidence(found, own, skew)
-        for key, decision in decide(losts, ev).items():
+        contested = {ls.key for ls in losts if self._competing and self._competing(ls)}
+        # Another worker's open intent is a lost submit we cannot see the audio of: it stands
+        # in as a twin of each submit it overlaps, so no task one of them matches is adopted,
+        # and no task is taken for ours in a way that would explain it away for the others.
+        twins = [attrs.evolve(ls, key=ls.key + _TWIN) for ls in losts if ls.key in contested]
+        for key, decision in decide([*losts, *twins], ev).items():
+            if key.endswith(_TWIN):
+                continue
+            if key in contested and decision.verdict != Verdict.RESEND:
+                if not next(ls.patience_over for ls in losts if ls.key == key):
+                    # Once that intent is answered its task is known: wait for it.
+                    logger.debug("reconciling %s: another worker's submit overlaps", key)
+                    continue
+                why = f"{decision.reason}; another worker's unanswered submit overlaps"
+                if decision.verdict == Verdict.ADOPT:  # the twin rules it out; never adopt
+                    kept = tuple(t for t in ev.listed if t.task_id == decision.task_id)
+                    decision = Decision(Verdict.UNRESOLVED, why, candidates=kept)
+                else:
+                    decision = attrs.evolve(decision, reason=why)
             if decision.verdict == Verdict.WAIT:
                 logger.debug("reconciling %s: waiting (%s)", key, decision.reason)
                 continue

@@ -39,6 +39,8 @@ _DEFAULT_RETRY_TIMEOUT = DEFAULT_RETRY_POLICY.timeout or 300.0
 _DEFAULT_TOTAL = DEFAULT_TIMEOUTS.total or 120.0
 #: Slack for the wait at the submit limiter, which the retry timeout does not count.
 _LIMITER_MARGIN = 120.0
+#: How far another host's clock may be behind ours (a shared batch's claimed intents).
+_CLAIMED_MARGIN = _dt.timedelta(seconds=5)
 
 
 async def _file_ok(path: Path, size: int | None) -> bool:
@@ -81,6 +83,9 @@ class Resumer:
         self._timeouts = timeouts
         #: Keys picked up from the journal at start (the feed skips them).
         self.resumed: set[str] = set()
+        #: A shared batch: records come one by one from claims (a dead worker's, after its
+        #: lease), not all at start, and their intent times are another host's clock.
+        self.claimed = False
 
     async def load(self) -> list[JobRecord]:
         from .._journal import JobPhase
@@ -91,6 +96,8 @@ class Resumer:
             JobPhase.SUBMITTED,
             JobPhase.FINISHED,
         )
+        if self.claimed:
+            return []  # claims bring them, a few at a time
         records = [r for r in await self._journal.unfinished() if r.phase in open_phases]
         self.resumed.update(r.key for r in records)
         return records
@@ -186,8 +193,15 @@ class Resumer:
             # keep it unresolved; it just cannot be sent again.
             logger.warning("%s: cannot read its inputs again: %s", item.name, exc)
         sent = rec.intent_at or rec.updated_at
+        if self.claimed:
+            # Another worker's intent, on its host's clock: widened by a margin. It lost its
+            # lease before this claim, so its POST was out (or never sent) before now.
+            sent -= _CLAIMED_MARGIN
+            gave_up = _dt.datetime.now(_dt.UTC)
+        else:
+            gave_up = self._gave_up(sent)
         await self._slots.acquire_on_behalf_of(item)
-        verdict = await self._submitter.settle(item, sent, self._gave_up(sent))
+        verdict = await self._submitter.settle(item, sent, gave_up)
         if verdict == Verdict.ADOPT:
             await self._track(item)
         elif verdict == Verdict.RESEND:
@@ -234,6 +248,13 @@ class Resumer:
             self._slots.release_on_behalf_of(item)
             await self._report.emit(item, OutcomeState.FAILED, exc=exc)
             return
+        from ._shared import JobDropped
+
         self._submitter.reserve()
-        if await self._submitter.submit(item):
+        try:
+            task_id = await self._submitter.submit(item)
+        except JobDropped:
+            self._slots.release_on_behalf_of(item)
+            return
+        if task_id:
             await self._track(item)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -33,6 +34,7 @@ from ._naming import FeedNames
 from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
+from ._shared import JobDropped, SharedBatch, account_fingerprint, is_shared_journal
 from ._stager import Stager
 from ._submitter import Submitter
 
@@ -54,6 +56,7 @@ def make_reconciler(
     client: Client,
     policy: BatchPolicy,
     known: Callable[[], dict[str, OwnTask]] = dict,
+    shared: SharedBatch | None = None,
 ) -> Reconciler:
     """A reconciler on the client's own time scale (its poll policy's target delay)."""
     unit = client.poll_policy.target_delay
@@ -65,6 +68,8 @@ def make_reconciler(
         patience=policy.reconcile_patience or max(24 * unit, 3 * settle),
         settle=settle,
         page_size=client.poll_policy.list_page_size,
+        refresh=shared.refresh if shared is not None else None,
+        competing=shared.competing if shared is not None else None,
     )
 
 
@@ -80,6 +85,7 @@ class BatchRun:
         journal: str | os.PathLike[str] | Journal | bool | None = True,
         policy: BatchPolicy | None = None,
         on_event: Callable[[BatchEvent], object] | None = None,
+        batch: str | None = None,
     ) -> None:
         policy = policy or BatchPolicy()
         limit = client.limits.submit_qps
@@ -107,6 +113,17 @@ class BatchRun:
         self.out_dir = out_dir
         self._journal_arg = journal
         self._journal: Journal | None = None
+        self._batch = batch
+        #: This worker's part in a shared batch (a ``postgresql://`` journal), else None.
+        self.shared: SharedBatch | None = None
+        if is_shared_journal(journal):
+            if isinstance(journal, str) and not batch:
+                raise ValueError(
+                    "a postgresql:// journal is a shared batch: name it with batch='...'"
+                )
+            self._total = None
+        elif batch is not None:
+            raise ValueError("batch= names a shared batch: it needs a postgresql:// journal")
         self._on_event = on_event
         self._slots = anyio.CapacityLimiter(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
@@ -187,7 +204,18 @@ class BatchRun:
 
     async def _open_journal(self, stack: AsyncExitStack) -> None:
         arg = self._journal_arg
-        if arg is not None and arg is not False:
+        if is_shared_journal(arg):
+            client = self._client
+            account = account_fingerprint(
+                client.base_url,
+                client.workspace,
+                client._Client__key,  # type: ignore[attr-defined]
+            )
+            self.shared = await SharedBatch.open(
+                stack, arg, batch=self._batch, account=account, policy=self.policy
+            )
+            self._journal = self.shared.journal
+        elif arg is not None and arg is not False:
             self._journal = await open_batch_journal(stack, arg, self.out_dir)
             self._known = await known_tasks(self._journal)
 
@@ -223,9 +251,13 @@ class BatchRun:
                 ),
             )
             self._finisher = finisher
-            reconciler = make_reconciler(client, policy, lambda: self._known)
+            shared = self.shared
+            known = (lambda: shared.known) if shared is not None else (lambda: self._known)
+            reconciler = make_reconciler(client, policy, known, shared)
             async with anyio.create_task_group() as background:
                 background.start_soon(reconciler.run)
+                if shared is not None:
+                    background.start_soon(shared.heartbeat)
                 async with anyio.create_task_group() as tg:
 
                     def keep(tasks: Sequence[Task]) -> None:
@@ -242,6 +274,7 @@ class BatchRun:
                         keep,
                         rate=self._submit_pace,
                         own_limiter=self._own_submit_limiter,
+                        write_intent=shared.write_intent if shared is not None else None,
                     )
                     resumer = None
                     if self._journal is not None:
@@ -258,11 +291,29 @@ class BatchRun:
                             retry=client.retry,
                             timeouts=client.timeouts,
                         )
+                        resumer.claimed = shared is not None
                         records = await resumer.load()
                         self._handled.update(resumer.resumed)
-                        await self._cleanup_parts(records)
+                        if shared is None:
+                            # (A shared batch's folder may hold other workers' downloads.)
+                            await self._cleanup_parts(records)
                         tg.start_soon(resumer.resume, records, tg)
-                    tg.start_soon(self._feed, prep_send)
+                    if shared is not None:
+                        assert resumer is not None
+                        tg.start_soon(
+                            functools.partial(
+                                shared.feed,
+                                prep_send,
+                                jobs=self._jobs,
+                                names=self._names,
+                                report=report,
+                                resumer=resumer,
+                                handled=self._handled,
+                                tg=tg,
+                            )
+                        )
+                    else:
+                        tg.start_soon(self._feed, prep_send)
                     remaining = [policy.prepare_concurrency]
 
                     async def prepare_worker() -> None:
@@ -317,8 +368,15 @@ class BatchRun:
         names = self._names
         position = names.position_of(item)
         try:
+            claimed = item.key
             try:
                 contents = await stager.validate(item)
+                if claimed and item.key != claimed:
+                    item.key = claimed  # the claimed job is the one that ends here
+                    raise InputError(
+                        [Problem("job", "its input files changed since it was enqueued")],
+                        job_name=item.name,
+                    )
             except InputError as exc:
                 names.settle(item)
                 report.event(EventKind.REJECTED, item, str(exc))
@@ -390,6 +448,9 @@ class BatchRun:
     ) -> None:
         try:
             task_id = await submitter.submit(item)
+        except JobDropped:
+            self._release(item)  # another worker has it now: no outcome here
+            return
         except BaseException:
             self._release(item)
             raise

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -76,8 +76,11 @@ class Submitter:
         *,
         rate: float | None = None,
         own_limiter: bool = True,
+        write_intent: Callable[[InFlight, _dt.datetime], Awaitable[_dt.datetime]] | None = None,
     ) -> None:
         self._service = service
+        #: Records the intent (durably) and returns when; a shared batch reserves a quota slot.
+        self._write_intent = write_intent or self._record_intent
         self._journal = journal
         self._report = reporter
         self._reconciler = reconciler
@@ -231,10 +234,10 @@ class Submitter:
                 finally:
                     self._witness_waiting = False
             sent_at = _now()
-            self._reconciler.note_sent(sent_at)
             if self._journal is not None:
                 # Write-ahead: the intent is durable before any money can be spent.
-                await self._journal.record_intent(item.key, at=sent_at)
+                sent_at = await self._write_intent(item, sent_at)
+            self._reconciler.note_sent(sent_at)
             # The POST and the recording of its answer go together: a cancellation waits for
             # both, so a task id that was created is never dropped on the floor.
             with anyio.CancelScope(shield=True):
@@ -253,6 +256,11 @@ class Submitter:
                 self._answered_after(self._service.statistics().submit_answer_seconds)
                 await self.accept(item, task.task_id, EventKind.SUBMITTED)
         return None, None, sent_at
+
+    async def _record_intent(self, item: InFlight, at: _dt.datetime) -> _dt.datetime:
+        assert self._journal is not None
+        await self._journal.record_intent(item.key, at=at)
+        return at
 
     async def accept(self, item: InFlight, task_id: str, kind: EventKind) -> None:
         """Make ``task_id`` the job's task: journal first, then everything else."""

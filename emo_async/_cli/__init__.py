@@ -38,7 +38,7 @@ from ._output import (
 )
 from ._parser import build_parser
 from ._resolve import cmd_resolve
-from ._run import cmd_run
+from ._run import cmd_run, cmd_work
 from ._tasks import cmd_cancel, cmd_detect, cmd_status
 from ._validate import cmd_validate
 
@@ -46,6 +46,7 @@ __all__ = ["main"]
 
 _COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Awaitable[int]]]] = {
     "run": cmd_run,
+    "work": cmd_work,
     "validate": cmd_validate,
     "detect": cmd_detect,
     "status": cmd_status,

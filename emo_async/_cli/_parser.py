@@ -67,6 +67,55 @@ def _add_connection(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-tasks",
+        type=_positive_int,
+        default=10,
+        help="tasks open at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--submit-rate",
+        type=_positive_float,
+        help="submits per second (default: the client's limit,"
+        f" {DEFAULT_LIMITS.submit_qps:g} per second)",
+    )
+    p.add_argument(
+        "--task-qps",
+        type=_positive_float,
+        default=DEFAULT_LIMITS.task_qps,
+        help="task status queries per second (default: %(default)s)",
+    )
+    p.add_argument(
+        "--submit-concurrency",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="billed submits (POSTs) in flight at once (default: adapted to the network's"
+        " latency, so it does not set the pace)",
+    )
+    p.add_argument(
+        "--download-concurrency", type=_positive_int, help="downloads at once (default: 4)"
+    )
+    p.add_argument(
+        "--poll-delay",
+        type=_positive_float,
+        default=DEFAULT_POLL_POLICY.target_delay,
+        help="longest delay, in seconds, before a finished task is noticed (default: %(default)s)",
+    )
+
+
+def _add_shared_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lease",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a shared batch: how long this worker's claims last unrenewed; a dead worker's"
+        " jobs go to the others after it (default: %(default)s)",
+    )
+
+
 def _add_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
@@ -90,46 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("manifest", type=Path, help="CSV or JSONL: image, audio[, name, ...]")
     run.add_argument("--out", type=Path, required=True, help="folder for the videos")
     _add_connection(run)
-    run.add_argument(
-        "--max-tasks",
-        type=_positive_int,
-        default=10,
-        help="tasks open at once (default: %(default)s)",
-    )
-    run.add_argument(
-        "--submit-rate",
-        type=_positive_float,
-        help="submits per second (default: the client's limit,"
-        f" {DEFAULT_LIMITS.submit_qps:g} per second)",
-    )
-    run.add_argument(
-        "--task-qps",
-        type=_positive_float,
-        default=DEFAULT_LIMITS.task_qps,
-        help="task status queries per second (default: %(default)s)",
-    )
-    run.add_argument(
-        "--submit-concurrency",
-        type=_positive_int,
-        default=None,
-        metavar="N",
-        help="billed submits (POSTs) in flight at once (default: adapted to the network's"
-        " latency, so it does not set the pace)",
-    )
-    run.add_argument(
-        "--download-concurrency", type=_positive_int, help="downloads at once (default: 4)"
-    )
-    run.add_argument(
-        "--poll-delay",
-        type=_positive_float,
-        default=DEFAULT_POLL_POLICY.target_delay,
-        help="longest delay, in seconds, before a finished task is noticed (default: %(default)s)",
-    )
+    _add_batch_options(run)
     journal = run.add_mutually_exclusive_group()
-    journal.add_argument("--journal", type=Path, help=f"journal file (default: OUT/{JOURNAL_NAME})")
+    journal.add_argument(
+        "--journal",
+        metavar="PATH_OR_DSN",
+        help=f"journal file (default: OUT/{JOURNAL_NAME}), or a postgresql:// DSN: a batch"
+        " shared with other workers (`emo-async work`), named with --batch",
+    )
     journal.add_argument(
         "--no-journal", action="store_true", help="keep no journal (an interrupted run starts over)"
     )
+    run.add_argument(
+        "--batch", metavar="NAME", help="the shared batch (with a postgresql:// journal)"
+    )
+    _add_shared_options(run)
     run.add_argument(
         "--reconcile",
         choices=("reconcile", "resubmit", "fail"),
@@ -149,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--report", type=Path, help="write every outcome to FILE (.csv or .jsonl)")
     _add_output(run)
+
+    work = sub.add_parser(
+        "work",
+        help="join a batch shared through PostgreSQL and work on it with the other workers",
+        description="Claim jobs of a shared batch (added by `emo-async run MANIFEST --journal"
+        " postgresql://... --batch NAME`) and make their videos into --out, until every job of"
+        " the batch has ended. Several workers may run at once, on any machines; a dead"
+        " worker's jobs go to the others once its lease runs out.",
+    )
+    work.add_argument("--journal", required=True, metavar="DSN", help="postgresql:// DSN")
+    work.add_argument("--batch", required=True, metavar="NAME", help="the shared batch")
+    work.add_argument("--out", type=Path, required=True, help="folder for this worker's videos")
+    _add_connection(work)
+    _add_batch_options(work)
+    _add_shared_options(work)
+    work.add_argument(
+        "--reconcile",
+        choices=("reconcile", "fail"),
+        default="reconcile",
+        help="a submit whose answer was lost: settle it by the task list, or leave it unresolved",
+    )
+    work.add_argument("--report", type=Path, help="write every outcome to FILE (.csv or .jsonl)")
+    _add_output(work)
 
     validate = sub.add_parser(
         "validate",
@@ -174,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="summarise a batch journal (safe while the batch runs)",
         description="Counts, billed seconds, failures and downloads at risk of expiry.",
     )
-    status.add_argument("journal", type=Path, help="the journal, or the folder holding it")
+    status.add_argument(
+        "journal", help="the journal, the folder holding it, or a postgresql:// DSN (--batch)"
+    )
+    status.add_argument("--batch", metavar="NAME", help="the shared batch (with a DSN)")
+    _add_connection(status)
     _add_output(status)
 
     resolve = sub.add_parser(
@@ -208,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cancel every task of the journal that is still open. DashScope cancels"
         " only PENDING tasks; the others are listed as not cancellable. Stop the batch first.",
     )
-    cancel.add_argument("journal", type=Path, help="the journal, or the folder holding it")
+    cancel.add_argument(
+        "journal", help="the journal, the folder holding it, or a postgresql:// DSN (--batch)"
+    )
+    cancel.add_argument("--batch", metavar="NAME", help="the shared batch (with a DSN)")
     _add_connection(cancel)
     _add_output(cancel)
 

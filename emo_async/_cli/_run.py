@@ -18,7 +18,9 @@ from emo_async import (
     Client,
     EmoError,
     Job,
+    is_dsn,
     read_summary,
+    redact_dsn,
 )
 
 from ._output import (
@@ -40,7 +42,20 @@ from ._progress import Counts, Progress
 from ._report import Report, Sink, advice, summary
 from ._validate import cmd_validate, load_manifest, rows_of
 
-__all__ = ["cmd_run", "execute", "make_out_dir"]
+__all__ = ["cmd_run", "cmd_work", "execute", "make_out_dir"]
+
+
+def _password(dsn: str | None) -> list[str]:
+    """The DSN's password, for the log filter that hides secrets."""
+    if dsn is None:
+        return []
+    from urllib.parse import urlsplit
+
+    try:
+        secret = urlsplit(dsn).password
+    except ValueError:
+        return []
+    return [secret] if secret else []
 
 
 async def _same_file(a: Path, b: Path) -> bool:
@@ -56,9 +71,14 @@ async def _check_report(args: argparse.Namespace) -> None:
     opened for writing (the report file is truncated when it opens)."""
     if args.report is None:
         return
-    if await _same_file(args.report, args.manifest):
+    manifest = getattr(args, "manifest", None)
+    if manifest is not None and await _same_file(args.report, manifest):
         raise UsageError(f"--report {args.report} is the manifest itself; name another file")
-    if args.journal is not None and await _same_file(args.report, args.journal):
+    if (
+        args.journal is not None
+        and not is_dsn(args.journal)
+        and await _same_file(args.report, Path(args.journal))
+    ):
         raise UsageError(f"--report {args.report} is the journal itself; name another file")
 
 
@@ -127,14 +147,37 @@ def _settle_target(args: argparse.Namespace, journal: Path | None) -> str | None
     return shlex.quote(str(args.out if args.journal is None else journal))
 
 
+def _shared_journal(args: argparse.Namespace) -> str | None:
+    """The DSN of a shared batch (checked with its --batch), or None for a journal file."""
+    dsn = args.journal if args.journal is not None and is_dsn(args.journal) else None
+    if dsn is not None and not args.batch:
+        raise UsageError("--journal postgresql://... is a shared batch: name it with --batch")
+    if dsn is None and getattr(args, "batch", None):
+        raise UsageError("--batch names a shared batch: give --journal postgresql://...")
+    return dsn
+
+
+async def cmd_work(args: argparse.Namespace) -> int:
+    """``work``: join a shared batch (``run`` without a manifest)."""
+    if not is_dsn(args.journal):
+        raise UsageError("work --journal takes a postgresql:// DSN (a batch shared by workers)")
+    args.manifest = None
+    args.dry_run = args.no_journal = args.rebill_expired = False
+    return await cmd_run(args)
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     await _check_report(args)
     if args.dry_run:
         return await cmd_validate(args, dry_run=True)
+    dsn = _shared_journal(args)
     out = Output(args)
     key = api_key(args)
-    setup_logging(args.verbose, [key])
-    manifest, total = await load_manifest(args.manifest, out)
+    setup_logging(args.verbose, [key, *_password(dsn)])
+    if args.manifest is not None:
+        manifest, total = await load_manifest(args.manifest, out)
+    else:
+        manifest, total = None, None
     limits = attrs.evolve(
         DEFAULT_LIMITS,
         task_qps=args.task_qps,
@@ -148,14 +191,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
     # Local mistakes first, then the network: a wrong key or no network is one line, not a
     # batch of failed jobs.
     await preflight(args, key)
+    journal: str | bool
     if args.no_journal:
-        journal: Path | bool = False
+        journal = False
     else:
         journal = args.journal if args.journal is not None else True
     journal_path = (
         None
-        if journal is False
-        else (args.journal if args.journal is not None else args.out / JOURNAL_NAME)
+        if journal is False or dsn is not None
+        else (Path(args.journal) if args.journal is not None else args.out / JOURNAL_NAME)
     )
     report = Report(args.report) if args.report is not None else None
     counts = Counts(total)
@@ -167,6 +211,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     sink = Sink(out, progress, counts, report)
 
     async def jobs() -> AsyncIterator[Job]:
+        if manifest is None:
+            return
         async for row in rows_of(manifest):
             if row.job is None:
                 await sink.bad_row(row)
@@ -174,8 +220,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
             await sink.remember(row)
             yield row.job
 
-    if not out.quiet:
+    if not out.quiet and manifest is not None:
         out.say(f"{args.manifest}: {total} row{'s' if total != 1 else ''} → {args.out}")
+    if not out.quiet and dsn is not None:
+        out.say(f"shared batch {args.batch} at {redact_dsn(dsn)} → {args.out}")
     started = anyio.current_time()
     try:
         if report is not None:
@@ -195,12 +243,15 @@ async def cmd_run(args: argparse.Namespace) -> int:
                     "rebill_expired": args.rebill_expired,
                     "download_concurrency": args.download_concurrency,
                     "reconcile": args.reconcile,
+                    **({"batch": args.batch, "lease": args.lease} if dsn is not None else {}),
                 },
             )
-        # Every row of the manifest has its line: those without an outcome are pending.
-        async for row in rows_of(manifest):
-            if not await sink.accounted(row):
-                await sink.pending_row(row)
+        # Every row of the manifest has its line: those without an outcome are pending (in a
+        # shared batch, pending here: another worker may have made them).
+        if manifest is not None and dsn is None:
+            async for row in rows_of(manifest):
+                if not await sink.accounted(row):
+                    await sink.pending_row(row)
         await sink.flush()
     finally:
         if report is not None:
@@ -214,6 +265,8 @@ async def cmd_run(args: argparse.Namespace) -> int:
     extra = [("output", str(args.out))]
     if journal_path is not None:
         extra.append(("journal", str(journal_path)))
+    if dsn is not None:
+        extra.append(("journal", f"{redact_dsn(dsn)} batch {args.batch}"))
     if report is not None:
         extra.append(("report", str(report.path)))
     code = EXIT_OK
@@ -252,7 +305,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
                 "interrupted": interrupted,
                 "exit_code": code,
                 "out": str(args.out),
-                "journal": str(journal_path) if journal_path else None,
+                "journal": str(journal_path)
+                if journal_path
+                else (redact_dsn(dsn) if dsn is not None else None),
             }
         )
     return code

@@ -17,7 +17,9 @@ from emo_async import (
     Job,
     JobPhase,
     JournalLockedError,
+    is_dsn,
     open_journal,
+    open_shared_batch,
     read_summary,
     validate_job,
 )
@@ -79,10 +81,23 @@ async def cmd_detect(args: argparse.Namespace) -> int:
     return EXIT_OK if detection.check_pass else EXIT_FAILED
 
 
+def _shared_batch(args: argparse.Namespace, key: str) -> Any:
+    """The shared batch a ``postgresql://`` journal argument names (``async with`` it), for
+    the account of the connection options."""
+    if not args.batch:
+        raise UsageError("a postgresql:// journal holds shared batches: name one with --batch")
+    return open_shared_batch(args.journal, batch=args.batch, client=make_client(args, key))
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     out = Output(args)
-    path = journal_path(args.journal)
-    summary = await read_summary(path)
+    if is_dsn(args.journal):
+        key = api_key(args)
+        setup_logging(args.verbose, [key])
+        async with _shared_batch(args, key) as shared:
+            summary = await shared.summary()
+    else:
+        summary = await read_summary(journal_path(Path(args.journal)))
     if out.json:
         out.emit_json(
             {
@@ -135,12 +150,16 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
     out = Output(args)
     key = api_key(args)
     setup_logging(args.verbose, [key])
-    path = journal_path(args.journal)
-    if not await anyio.Path(path).is_file():
-        raise UsageError(f"no journal at {path}")
     cancelled = not_cancellable = unknown = errors = 0
-    try:
+    journal_cm: Any
+    if is_dsn(args.journal):
+        journal_cm = _shared_batch(args, key)
+    else:
+        path = journal_path(Path(args.journal))
+        if not await anyio.Path(path).is_file():
+            raise UsageError(f"no journal at {path}")
         journal_cm = open_journal(path)
+    try:
         async with journal_cm as journal, make_client(args, key) as client:
             records = await journal.unfinished()
             for rec in records:

@@ -135,6 +135,15 @@ class Claims(PgSettling):
 
         return await self._tx(run, "releasing claims")
 
+    async def claimed_keys(self, owner: str) -> list[str]:
+        """The unfinished jobs of the batch ``owner`` holds (lease run out or not)."""
+        rows = await self._fetchall(
+            "SELECT key FROM emo_jobs WHERE batch_id = %s AND owner = %s AND phase = ANY(%s)"
+            " ORDER BY seq",
+            (self._batch_id, owner, _open_phases()),
+        )
+        return [str(r["key"]) for r in rows]
+
     async def reserve_submit(
         self,
         key: str,
