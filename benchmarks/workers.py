@@ -14,9 +14,9 @@ Measured at the simulator's ledger and on disk only: makespan, duplicate tasks (
 one job's audio), video files per job, 429s, and the most task queries (``GET /tasks`` and
 ``GET /tasks/{id}``) the account received in any 1 s window.
 
-Until the shared account state exists, each worker gets a third of the account's task-query
-rate (``--task-qps``); ``--account-state`` passes ``--account-state DSN`` to the workers once
-the command line has that option (the limiters and one poller shared across processes).
+Every worker is told the account's full limits (``--task-qps``, ``--submit-rate``): a worker
+of a shared batch shares the account through the same DSN (its limiters and one poller), so
+the limits hold for the account, not per process.
 
 Writes ``benchmarks/results/workers.md`` (or ``--out``).
 """
@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tasks", type=int, default=20, help="the account's open tasks")
     p.add_argument("--lease", type=float, default=5.0)
     p.add_argument("--cases", default="abcd")
-    p.add_argument("--account-state", action="store_true")
+    p.add_argument("--submit-qps", type=float, default=10.0, help="the account's submit rate")
     p.add_argument("--out", type=Path, default=RESULTS / "workers.md")
     return p.parse_args(argv)
 
@@ -66,7 +66,7 @@ def sim_config(args: argparse.Namespace) -> dict[str, Any]:
         "task_qps": args.task_qps,
         "list_qps": args.task_qps,
         "detect_qps": 5.0,
-        "submit_qps": None,
+        "submit_qps": args.submit_qps,
         "max_running": args.max_tasks,
         "policy_ttl": 300.0 / args.time_scale,
         "seed": 1,
@@ -93,7 +93,9 @@ def worker_cmd(
         "--max-tasks",
         str(args.max_tasks),
         "--task-qps",
-        f"{args.task_qps / share:.3f}",
+        f"{args.task_qps:.3f}",
+        "--submit-rate",
+        f"{args.submit_qps:.3f}",
         "--poll-delay",
         f"{max(0.05, 5 * args.time_scale):.3f}",
         "--base-url",
@@ -102,8 +104,6 @@ def worker_cmd(
         KEY_ENV,
         "--quiet",
     ]
-    if args.account_state:
-        cmd += ["--account-state", dsn]
     return cmd
 
 
@@ -176,10 +176,10 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
         "",
         f"Command: `{command}`",
         "",
-        f"{args.jobs} jobs; the simulated account allows {args.task_qps:g} task queries/s and"
-        f" {args.max_tasks} open tasks (time scale {args.time_scale}); lease {args.lease:g} s."
-        f" Each of the {args.workers} workers has 1/{args.workers} of the query rate"
-        + (" (shared account state on)." if args.account_state else " (no shared limiter yet)."),
+        f"{args.jobs} jobs; the simulated account allows {args.task_qps:g} task queries/s,"
+        f" {args.submit_qps:g} submits/s and {args.max_tasks} open tasks (time scale"
+        f" {args.time_scale}); lease {args.lease:g} s. Every worker is given the account's full"
+        " limits and shares them (and one poller) with the others through the DSN.",
         "",
         "| case | workers | makespan | tasks | duplicate tasks | jobs with a file | files per job"
         " | 429s | max task queries in 1 s | exit codes | event |",

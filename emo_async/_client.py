@@ -356,6 +356,18 @@ class Client(Conveniences, AsyncContextManagerMixin):
         else:
             self._state = "closed"
 
+    def account_digest(self) -> str:
+        """Who this client's account is, as PostgreSQL backends record it: a one-way digest
+        of the base URL, the workspace and the key (never the key itself)."""
+        from ._batch._shared import account_fingerprint
+
+        return account_fingerprint(self.base_url, self.workspace, self.__key)
+
+    @property
+    def shares_account(self) -> bool:
+        """Whether this client shares its account's limits and poller through PostgreSQL."""
+        return self._shared is not None
+
     def _origin_str(self) -> str:
         scheme, host, port = self.api_origin
         return f"{scheme}://{host}:{port}"

@@ -34,7 +34,7 @@ from ._naming import FeedNames
 from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
-from ._shared import JobDropped, SharedBatch, account_fingerprint, is_shared_journal
+from ._shared import JobDropped, SharedBatch, is_shared_journal
 from ._stager import Stager
 from ._submitter import Submitter
 
@@ -206,11 +206,13 @@ class BatchRun:
         arg = self._journal_arg
         if is_shared_journal(arg):
             client = self._client
-            account = account_fingerprint(
-                client.base_url,
-                client.workspace,
-                client._Client__key,  # type: ignore[attr-defined]
-            )
+            account = client.account_digest()
+            if not client.shares_account:
+                logger.warning(
+                    "a shared batch on a client that does not share the account: each worker"
+                    " spends the account's limits as if alone (429s) and polls on its own;"
+                    " open it with Client(shared_account=<the same DSN>)"
+                )
             self.shared = await SharedBatch.open(
                 stack, arg, batch=self._batch, account=account, policy=self.policy
             )

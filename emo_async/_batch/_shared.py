@@ -438,11 +438,7 @@ async def open_shared_batch(dsn: str, *, batch: str, client: Any) -> AsyncIterat
     """
     from .._journal.postgres import PostgresJournal
 
-    account = account_fingerprint(
-        client.base_url,
-        client.workspace,
-        client._Client__key,  # the account's digest, never the key itself
-    )
+    account = client.account_digest()
     journal = await PostgresJournal.open(dsn, batch=batch, account=account)
     try:
         yield journal

@@ -186,7 +186,9 @@ async def cmd_run(args: argparse.Namespace) -> int:
         max_downloads=max(DEFAULT_LIMITS.max_downloads, args.download_concurrency or 0),
     )
     poll = attrs.evolve(DEFAULT_POLL_POLICY, target_delay=args.poll_delay)
-    client = make_client(args, key, limits=limits, poll=poll)
+    # Workers of a shared batch share the account too: one query budget, one poller.
+    shared = {"shared_account": dsn} if dsn is not None else {}
+    client = make_client(args, key, limits=limits, poll=poll, **shared)
     await make_out_dir("--out", args.out)
     # Local mistakes first, then the network: a wrong key or no network is one line, not a
     # batch of failed jobs.
