@@ -22,6 +22,7 @@ from ._finisher import Finisher
 from ._job import InFlight, Reporter
 from ._policy import BatchPolicy
 from ._run import make_reconciler
+from ._slots import Slots
 from ._stager import Stager
 from ._submitter import Submitter
 
@@ -121,7 +122,7 @@ async def _run_one(client: Client, job: Job, dest: Path) -> Outcome:
     stager = Stager(client, None, report)
     finisher = Finisher(client, None, report, dest.parent)
     reconciler = make_reconciler(client, policy)
-    slots = anyio.CapacityLimiter(1)
+    slots = Slots(1)
     item = InFlight(job, dest=dest)
     async with send, recv:
         # Before any money: refusals come out as they are (InputError, DetectionRejectedError).

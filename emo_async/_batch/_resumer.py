@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .._journal import JobRecord, Journal
     from ._finisher import Finisher
     from ._policy import BatchPolicy
+    from ._slots import Slots
     from ._stager import Stager
     from ._submitter import Submitter
 
@@ -62,7 +63,7 @@ class Resumer:
         submitter: Submitter,
         finisher: Finisher,
         policy: BatchPolicy,
-        slots: anyio.CapacityLimiter,
+        slots: Slots,
         dest_for: Callable[[InFlight], Path],
         track: Callable[[InFlight], Coroutine[Any, Any, None]],
         *,
@@ -160,7 +161,7 @@ class Resumer:
             elif rec.phase == JobPhase.FINISHED and rec.video_url:
                 tg.start_soon(self._finisher.download, item, rec.video_url, rec.url_deadline, None)
             elif rec.phase == JobPhase.SUBMITTED and rec.task_id:
-                await self._slots.acquire_on_behalf_of(item)
+                await self._take_slot(item)
                 tg.start_soon(self._track, item)
 
     async def _settle(self, item: InFlight) -> None:
@@ -200,12 +201,24 @@ class Resumer:
             gave_up = _dt.datetime.now(_dt.UTC)
         else:
             gave_up = self._gave_up(sent)
-        await self._slots.acquire_on_behalf_of(item)
+        await self._take_slot(item)
         verdict = await self._submitter.settle(item, sent, gave_up)
         if verdict == Verdict.ADOPT:
             await self._track(item)
         elif verdict == Verdict.RESEND:
             await self._resend(item)
+
+    async def _take_slot(self, item: InFlight) -> None:
+        """Hold a slot of ``max_tasks`` for a job already open on the server.
+
+        A claimed job (a dead worker's) already counts in the batch's quota across workers,
+        and this worker's new jobs may hold every local slot while they wait for that very
+        quota: it gets a loan (:class:`Slots`) instead of waiting, which would deadlock.
+        """
+        if self.claimed:
+            self._slots.lend(item)
+        else:
+            await self._slots.acquire_on_behalf_of(item)
 
     def _gave_up(self, sent: _dt.datetime) -> _dt.datetime:
         """The latest moment the dead process can have been waiting for that POST's answer:

@@ -35,6 +35,7 @@ from ._policy import BatchPolicy
 from ._reconciler import Reconciler
 from ._resumer import Resumer
 from ._shared import JobDropped, SharedBatch, is_shared_journal
+from ._slots import Slots
 from ._stager import Stager
 from ._submitter import Submitter
 
@@ -125,7 +126,7 @@ class BatchRun:
         elif batch is not None:
             raise ValueError("batch= names a shared batch: it needs a postgresql:// journal")
         self._on_event = on_event
-        self._slots = anyio.CapacityLimiter(policy.max_tasks)
+        self._slots = Slots(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
         self._handled: set[str] = set()
         self._names = FeedNames(out_dir)

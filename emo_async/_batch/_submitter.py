@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .._journal import Candidate, Journal
     from ._ports import Service
     from ._reconciler import Reconciler
+    from ._slots import Slots
 
 __all__ = ["MAX_SUBMITS", "Submitter", "default_submit_concurrency"]
 
@@ -71,7 +72,7 @@ class Submitter:
         reporter: Reporter,
         reconciler: Reconciler,
         policy: BatchPolicy,
-        slots: anyio.CapacityLimiter,
+        slots: Slots,
         keep: Callable[[Sequence[Task]], None],
         *,
         rate: float | None = None,
