@@ -73,8 +73,12 @@ _TAIL_SHARE = 0.5
 #: page: when it is expected to find this many).
 _TAIL_WORTH = 0.25
 #: A regular sweep not worth its pages still goes out once this many ``target_delay`` have
-#: passed since the last one (and before any duration was seen: nothing to weigh it with).
+#: passed since the last one.
 _SWEEP_STRETCH = 2.0
+#: Until as many durations were seen as tasks are open (or this many), they may be the first
+#: wave's fastest only, the rest still running, and would call every older task finished:
+#: sweeps keep to the stretched cadence.
+_SWEEP_MODEL_MIN = 64
 #: The tail credit a client starts with, and the most it saves up (a long-lived client must not
 #: spend on one small batch what thousands of earlier tasks earned).
 _TAIL_CREDIT_START = 2.0
@@ -448,12 +452,21 @@ class StatusPoller:
                     finished = status is not None and status.is_terminal
                     if e.querying:
                         continue
-                    if finished or e.list_absent >= 2 or now >= e.next_direct:
+                    if finished or e.list_absent >= 2 or self._fallback_due(e, now):
                         e.seen_finished_in_list = finished
                         self._spawn_query(tg, e)
                 return
         for e in due:
             self._spawn_query(tg, e)
+
+    def _fallback_due(self, entry: _Entry, now: float) -> bool:
+        """Whether a task the list shows running is queried directly anyway, in case the list
+        lags: not before a usual duration has passed, plus ``fallback_interval`` (a task
+        watched before any duration was seen would otherwise be asked while surely running)."""
+        typical = self.model.typical(entry.audio_seconds) or 0.0
+        return now >= max(
+            entry.next_direct, entry.submitted + typical + self.policy.fallback_interval
+        )
 
     def _pages(self, entries: list[_Entry]) -> int:
         """List pages a sweep reads to see every open task not already being queried."""
@@ -479,7 +492,7 @@ class StatusPoller:
         # Rounds come every target_delay: a hair of slack so float sums do not skip one.
         if policy.sweep_finds <= 0 or now - self._last_sweep >= stretch * (1 - 1e-6):
             return True
-        if not self.model.observations:
+        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
             return False
         # Queued tasks cannot have ended: a later sweep will see them started.
         running = [e for e in due if not e.pending]
