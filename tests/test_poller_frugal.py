@@ -137,3 +137,25 @@ class TestBacklog:
         # The three still running are on the newest page: one page a sweep from then on.
         assert any(sweeps)
         assert max(sweeps) == 1
+
+
+class TestFallback:
+    async def test_tasks_watched_before_any_duration_are_not_asked_while_surely_running(
+        self, files: FileServer
+    ) -> None:
+        """The direct query that guards against a lagging list waits a usual duration plus
+        ``fallback_interval``, also for tasks watched before the model knew that duration."""
+        policy = _policy(fallback_interval=5.0)
+        async with rig(files, policy) as (r, tg):
+            ids = await r.submit(4)
+            start = r.clock()
+            r.wait_all(tg, ids)  # watched knowing nothing: due at once
+            await r.clock.run_to(start + 0.5, lambda: r.spy.idle)
+            _taught(r)  # other tasks then showed that they take 10 s
+            r.sim.ledger.reset()
+            await r.clock.run_to(start + 9.5, lambda: r.spy.idle)
+            assert _count(r, "task_list") >= 2  # the list did show them running
+            assert _count(r, "task_get") == 0
+            r.sim.clock.advance(TASK_SECONDS)
+            await r.run_until_done(ids)
+        assert all(r.results[t][1].succeeded for t in ids)
