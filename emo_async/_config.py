@@ -181,9 +181,10 @@ class PollPolicy:
     """How the shared status poller spends its task-query budget.
 
     Attributes:
-        target_delay: The longest the client should take to notice that a task finished, in
+        target_delay: How long the client should take to notice that a task finished, in
             seconds (the poller queries an open task at least this often once it is due, rate
-            permitting).
+            permitting; a list sweep not worth its pages may wait up to twice as long, see
+            ``sweep_finds``).
         use_list: Learn which tasks finished from ``GET /tasks?status=…`` sweeps (one request
             for many tasks) and query only those. Its limits are undocumented; the poller turns
             it off by itself if the list ever misses a finished task.
@@ -211,6 +212,13 @@ class PollPolicy:
             many queries of credit, and each extra list page, or extra task query that finds
             its task still running, spends one. So a batch pays at most this much per job
             for its fast tail, whatever its size; 0 turns the tail looks off.
+        sweep_finds: List sweeps are spent in proportion to finishes: a regular round sends
+            one when the durations seen so far say it should find this many finished tasks per
+            list page (or half the tasks it looks for, when few are open), and otherwise waits,
+            up to ``2 x target_delay`` since the last sweep. So where tasks end faster than
+            ``sweep_finds`` per ``target_delay`` a sweep costs at most ``1 / sweep_finds``
+            list pages per job, and elsewhere a task may be noticed up to twice
+            ``target_delay`` after it ended. 0 sweeps every round.
     """
 
     target_delay: float = attrs.field(default=5.0, validator=_pos)
@@ -223,6 +231,7 @@ class PollPolicy:
     unknown_status_timeout: float = attrs.field(default=3600.0, validator=_pos)
     tail_delay: float = attrs.field(default=1.0, validator=_pos)
     tail_queries_per_task: float = attrs.field(default=0.25, validator=_nonneg)
+    sweep_finds: float = attrs.field(default=4.0, validator=_nonneg)
 
 
 DEFAULT_POLL_POLICY = PollPolicy()

@@ -13,6 +13,12 @@ open. The poller instead owns every open task and decides when each is next look
 * Every due task is looked at once per ``target_delay``: that bounds the delay between a task
   finishing and the client noticing, rate permitting. All queries go through the client's
   task-query limiter, so the account limit holds whatever the number of tasks.
+* Sweeps are spent in proportion to finishes. A round sends one only when the durations seen
+  so far say it should find ``sweep_finds`` finished tasks a page (or half the tasks it looks
+  for, when few are left), and at least every ``2 x target_delay``: when tasks end more slowly
+  than that, noticing them a round later costs little and halves the list pages per job. Nor
+  does a round sweep while the tasks already known finished keep the query budget busy until
+  the next round: what it found could not be fetched sooner, and its pages would delay them.
 * The tail: while the task-query budget has room (at most half the client's task-query rate)
   and the tail credit lasts (``tail_queries_per_task`` per watched task), the tasks most likely
   finished — by the durations observed so far, those past their usual duration first — are
@@ -66,6 +72,13 @@ _TAIL_SHARE = 0.5
 #: An extra look is worth its query when it finds a finished task at least this often (a list
 #: page: when it is expected to find this many).
 _TAIL_WORTH = 0.25
+#: A regular sweep not worth its pages still goes out once this many ``target_delay`` have
+#: passed since the last one.
+_SWEEP_STRETCH = 2.0
+#: Until as many durations were seen as tasks are open (or this many), they may be the first
+#: wave's fastest only, the rest still running, and would call every older task finished:
+#: sweeps keep to the stretched cadence.
+_SWEEP_MODEL_MIN = 64
 #: The tail credit a client starts with, and the most it saves up (a long-lived client must not
 #: spend on one small batch what thousands of earlier tasks earned).
 _TAIL_CREDIT_START = 2.0
@@ -216,6 +229,7 @@ class StatusPoller:
         self._tg: anyio.abc.TaskGroup | None = None
         self._tail_credit = _TAIL_CREDIT_START
         self._last_round = -math.inf
+        self._last_sweep = -math.inf
         self._tail_recheck = -math.inf
         #: Tail rounds run, and what they cost beyond finding finished tasks (statistics).
         self.tail_rounds = 0
@@ -361,10 +375,10 @@ class StatusPoller:
             key=lambda pair: pair[0],
             reverse=True,
         )
-        if not scored:
+        if not scored or self._backlogged(entries, policy.tail_delay):
             return False
         if self._list_enabled and len(scored) >= 2:
-            pages = math.ceil(len(entries) / policy.list_page_size)
+            pages = self._pages(entries)
             expected = sum(score for score, _ in scored)
             if expected < _TAIL_WORTH or pages > min(allowance, self._tail_credit):
                 return False
@@ -409,6 +423,9 @@ class StatusPoller:
         if not due:
             return
         if self._list_enabled and len(due) >= 2:
+            if not tail and not self._sweep_worth(entries, due, now):
+                return
+            self._last_sweep = now
             listed = await self._sweep(entries)
             if listed is not None:
                 for e in due:
@@ -435,12 +452,57 @@ class StatusPoller:
                     finished = status is not None and status.is_terminal
                     if e.querying:
                         continue
-                    if finished or e.list_absent >= 2 or now >= e.next_direct:
+                    if finished or e.list_absent >= 2 or self._fallback_due(e, now):
                         e.seen_finished_in_list = finished
                         self._spawn_query(tg, e)
                 return
         for e in due:
             self._spawn_query(tg, e)
+
+    def _fallback_due(self, entry: _Entry, now: float) -> bool:
+        """Whether a task the list shows running is queried directly anyway, in case the list
+        lags: not before a usual duration has passed, plus ``fallback_interval`` (a task
+        watched before any duration was seen would otherwise be asked while surely running)."""
+        typical = self.model.typical(entry.audio_seconds) or 0.0
+        return now >= max(
+            entry.next_direct, entry.submitted + typical + self.policy.fallback_interval
+        )
+
+    def _pages(self, entries: list[_Entry]) -> int:
+        """List pages a sweep reads to see every open task not already being queried."""
+        return max(
+            1, math.ceil(sum(1 for e in entries if not e.querying) / self.policy.list_page_size)
+        )
+
+    def _backlogged(self, entries: list[_Entry], horizon: float) -> bool:
+        """Whether the queries already waiting keep the budget busy for ``horizon`` seconds:
+        a look now would find tasks that could not be fetched any sooner, and its own queries
+        would delay those waiting."""
+        if self._query_rate is None:
+            return False
+        waiting = sum(1 for e in entries if e.querying)
+        return waiting > 0 and waiting >= self._query_rate() * horizon
+
+    def _sweep_worth(self, entries: list[_Entry], due: list[_Entry], now: float) -> bool:
+        """Whether a regular round's sweep is worth its pages now."""
+        policy = self.policy
+        if self._backlogged(entries, policy.target_delay):
+            return False
+        stretch = _SWEEP_STRETCH * policy.target_delay
+        # Rounds come every target_delay: a hair of slack so float sums do not skip one.
+        if policy.sweep_finds <= 0 or now - self._last_sweep >= stretch * (1 - 1e-6):
+            return True
+        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
+            return False
+        # Queued tasks cannot have ended: a later sweep will see them started.
+        running = [e for e in due if not e.pending]
+        if not running:
+            return False
+        expected = sum(self._likelihood(e, now) for e in running)
+        # With few tasks open (a batch's end), waiting for many finds would wait for the last.
+        unseen = sum(1 for e in entries if not e.querying and not e.pending)
+        wanted = min(policy.sweep_finds * self._pages(entries), unseen / 2)
+        return expected >= wanted
 
     async def _sweep(self, entries: list[_Entry]) -> dict[str, TaskStatus] | None:
         """List the newest tasks until every open one was seen: their statuses by id.
@@ -449,7 +511,10 @@ class StatusPoller:
         skew must not blind the poller. Our open tasks are among the newest, so a page or two
         covers them.
         """
-        wanted = {e.task_id for e in entries}
+        # Tasks already being queried need no list: reading on for them costs pages.
+        wanted = {e.task_id for e in entries if not e.querying}
+        if not wanted:
+            return {}
         max_pages = 1 + math.ceil(len(wanted) / self.policy.list_page_size)
         listed: dict[str, TaskStatus] = {}
         try:
