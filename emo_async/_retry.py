@@ -10,10 +10,12 @@ and only the task list can tell.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as _dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 import attrs
@@ -30,9 +32,27 @@ from ._exceptions import (
 from ._net import SendState
 from ._ratelimit import AdaptiveRateLimiter
 
-__all__ = ["HttpStatistics", "RetryBudget", "with_retries"]
+__all__ = ["HttpStatistics", "RetryBudget", "billed_fence", "with_retries"]
 
 logger = logging.getLogger("emo_async")
+
+# A check that each billed attempt passes right before it goes on the wire, after every wait
+# (limiter, backoff): a worker of a shared batch may have lost its claim meanwhile, and then
+# the job is another's, whose settling assumes nothing more will be sent.
+_fence: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "emo_async_billed_fence", default=None
+)
+
+
+@contextlib.contextmanager
+def billed_fence(check: Callable[[], None] | None) -> Iterator[None]:
+    """Run ``check`` before every billed attempt made inside the block (this task only); it
+    raises to stop the attempt, which is then never sent."""
+    token = _fence.set(check)
+    try:
+        yield
+    finally:
+        _fence.reset(token)
 
 
 class RetryBudget:
@@ -89,6 +109,8 @@ async def with_retries(
     while True:
         if limiter is not None:
             await limiter.acquire()
+        if billed and (fence := _fence.get()) is not None:
+            fence()
         state = SendState()
         sent_at = _dt.datetime.now(_dt.UTC)
         on_wire = time.monotonic()

@@ -278,6 +278,7 @@ class BatchRun:
                         rate=self._submit_pace,
                         own_limiter=self._own_submit_limiter,
                         write_intent=shared.write_intent if shared is not None else None,
+                        fence=shared.fence if shared is not None else None,
                     )
                     resumer = None
                     if self._journal is not None:

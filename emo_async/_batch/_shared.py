@@ -29,6 +29,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import math
 import os
 import secrets
 import socket
@@ -70,6 +71,9 @@ DB_PATIENCE: Final = 30.0
 CLAIM_PAUSE: Final = 1.0
 #: Tolerance between a host's clock and the database's, on top of the measured offset.
 CLOCK_MARGIN: Final = _dt.timedelta(seconds=5)
+#: The part of a lease after its last renewal within which a billed attempt may still go out:
+#: the rest covers the clocks' rates and the request's way to the server.
+LEASE_USE: Final = 0.8
 #: How long after its intent an unresolved submit of another worker may still have created
 #: its task: its request path gave up long before (retry timeout + total + limiter slack).
 INTENT_HORIZON: Final = _dt.timedelta(seconds=600)
@@ -181,6 +185,9 @@ class SharedBatch:
         self._maybe_orphans = False
         #: Jobs claimed by this worker and still in its hands.
         self._held: set[str] = set()
+        #: Job → until when (``anyio.current_time()``) its claim is surely still this
+        #: worker's: renewals that began before then extend it, a failed one does not.
+        self._sure_until: dict[str, float] = {}
 
     @classmethod
     async def open(
@@ -229,10 +236,18 @@ class SharedBatch:
 
         while True:
             await anyio.sleep(self.lease / 3)
+            began = anyio.current_time()
             try:
                 await self.raw.heartbeat(self.owner, self.lease)
             except PostgresUnavailable as exc:
                 logger.warning("heartbeat failed (claims run out after the lease): %s", exc)
+                continue
+            # Only a claim still surely ours when the renewal was done was renewed by it: one
+            # that ran out meanwhile may be another worker's, whatever the renewal says.
+            done = anyio.current_time()
+            for key, until in self._sure_until.items():
+                if until > done:
+                    self._sure_until[key] = max(until, began + self.lease * LEASE_USE)
 
     async def claim(self, limit: int) -> list[JobRecord]:
         """Claim up to ``limit`` jobs. A claim whose answer was lost may have been committed:
@@ -242,11 +257,15 @@ class SharedBatch:
         if self._maybe_orphans:
             await self.journal.release_claims(self.owner, await self._orphans())
             self._maybe_orphans = False
+        began = anyio.current_time()
         try:
-            return list(await self.raw.claim(self.owner, limit, self.lease))
+            records = list(await self.raw.claim(self.owner, limit, self.lease))
         except PostgresUnavailable:
             self._maybe_orphans = True
             raise
+        for rec in records:
+            self._sure_until[rec.key] = began + self.lease * LEASE_USE
+        return records
 
     async def _orphans(self) -> list[str]:
         claimed = await self.journal.claimed_keys(self.owner)
@@ -392,6 +411,29 @@ class SharedBatch:
             # The account-wide quota is full: another worker's task ends soon.
             await anyio.sleep(0.2)
             at = _now()
+
+    def fence(self, item: InFlight) -> Callable[[], None]:
+        """The check before each billed attempt of ``item`` (after its intent, after every
+        wait at a limiter or a backoff): once its claim may have run out, another worker may
+        have taken the job and settled its intent on the evidence that nothing was sent, so
+        nothing is. The intent stays, for whoever holds the job to settle.
+
+        Raises (from the check):
+            JobDropped: The claim may be another worker's now.
+        """
+
+        def check() -> None:
+            if anyio.current_time() < self._sure_until.get(item.key, -math.inf):
+                return
+            logger.warning(
+                "%s: its claim may have run out before its submit went out (the database was"
+                " out of reach); not sent, left to whoever holds the job",
+                item.name,
+            )
+            self.settled(item.key)
+            raise JobDropped(f"the claim on job {item.key} may have run out before its submit")
+
+        return check
 
     # ---- lost answers
 

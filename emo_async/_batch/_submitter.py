@@ -24,6 +24,7 @@ from .._exceptions import (
 )
 from .._models import OutcomeState, Task
 from .._ratelimit import AdaptiveRateLimiter
+from .._retry import billed_fence
 from ._attribution import Decision, ListedTask, LostSubmit, Verdict
 from ._job import EventKind, InFlight, Reporter, is_transient, pause_after
 from ._policy import BatchPolicy, ReconcilePolicy
@@ -78,10 +79,13 @@ class Submitter:
         rate: float | None = None,
         own_limiter: bool = True,
         write_intent: Callable[[InFlight, _dt.datetime], Awaitable[_dt.datetime]] | None = None,
+        fence: Callable[[InFlight], Callable[[], None]] | None = None,
     ) -> None:
         self._service = service
         #: Records the intent (durably) and returns when; a shared batch reserves a quota slot.
         self._write_intent = write_intent or self._record_intent
+        #: A shared batch: raises before any billed attempt once the job's claim may be lost.
+        self._fence = fence
         self._journal = journal
         self._report = reporter
         self._reconciler = reconciler
@@ -241,7 +245,8 @@ class Submitter:
             self._reconciler.note_sent(sent_at)
             # The POST and the recording of its answer go together: a cancellation waits for
             # both, so a task id that was created is never dropped on the floor.
-            with anyio.CancelScope(shield=True):
+            fence = self._fence(item) if self._fence is not None else None
+            with anyio.CancelScope(shield=True), billed_fence(fence):
                 try:
                     task = await self._service.submit(
                         item.image_url,  # type: ignore[arg-type]
