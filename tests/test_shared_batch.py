@@ -209,3 +209,36 @@ async def test_cli_run_and_work_share_a_batch(tmp_path: Path, pg_dsn: str) -> No
         assert status.returncode == 0, text(status)
         assert "hunter2-secret" not in text(status)
         assert json.loads(status.stdout)["by_phase"]["done"] == 12
+
+
+async def test_late_news_of_a_job_another_worker_finished_does_not_end_the_run(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker that lost its claim (cut off from the database) learns late that its task
+    # ended, after the worker that took the job over saved it: that write is refused, and the
+    # refusal must cost this worker nothing but a warning. A refused task id is still loud.
+    import datetime as _dt
+
+    from emo_async._batch._shared import PatientJournal
+    from emo_async._journal.postgres import PostgresJournal
+
+    now = _dt.datetime.now(_dt.UTC)
+    async with await PostgresJournal.open(pg_dsn, batch=BATCH, account="acct") as raw:
+        await raw.register("k1", emo_async.Job("a.png", "a.wav"))
+        await raw.record_intent("k1", at=now)
+        await raw.record_submitted("k1", "task-1", at=now)
+        await raw.record_finished("k1", video_url="http://v/1", url_deadline=None, billed_seconds=1)
+        await raw.record_done("k1", path="/out/a.mp4", size=1, sha256="0" * 64)
+        with pytest.raises(emo_async.JournalError):
+            await raw.record_finished(
+                "k1", video_url="http://v/1", url_deadline=None, billed_seconds=1
+            )
+        late = PatientJournal(raw, patience=1.0)
+        await late.record_finished(
+            "k1", video_url="http://v/1", url_deadline=None, billed_seconds=1
+        )
+        await late.record_status("k1", "RUNNING")
+        assert "moved on elsewhere" in caplog.text
+        assert (await raw.get("k1")).phase.value == "done"  # type: ignore[union-attr]
+        with pytest.raises(emo_async.JournalError):
+            await late.record_submitted("k1", "task-2", at=now)

@@ -125,6 +125,13 @@ async def _patiently(call: Callable[[], Awaitable[Any]], doing: str, patience: f
             pause = min(pause * 2, 2.0)
 
 
+#: Writes after the task id is recorded that another worker may have overtaken; a refusal of
+#: one is news that came too late, not an error of this run (see :class:`PatientJournal`).
+_MOVED_ON_ELSEWHERE = frozenset(
+    {"record_status", "record_finished", "record_done", "record_terminal"}
+)
+
+
 class PatientJournal:
     """A shared journal whose every call waits out a short outage (a server restart) before
     giving up; a write that may have been committed is repeated, which every transition
@@ -141,7 +148,18 @@ class PatientJournal:
 
         @functools.wraps(attr)
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return await _patiently(lambda: attr(*args, **kwargs), name, self._patience)
+            if name not in _MOVED_ON_ELSEWHERE:
+                return await _patiently(lambda: attr(*args, **kwargs), name, self._patience)
+            from .._exceptions import JournalError
+
+            try:
+                return await _patiently(lambda: attr(*args, **kwargs), name, self._patience)
+            except JournalError as exc:
+                # The job moved on under another worker (it took the job over after this one
+                # lost its claim, and finished it): its task id is recorded already, so no
+                # paid video is lost; this worker's late news is dropped, not its whole run.
+                logger.warning("%s: not recorded, the job moved on elsewhere: %s", name, exc)
+                return None
 
         return call
 
