@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["PostgresNotInstalled", "TempPostgres", "find_pg_bin"]
+__all__ = ["PostgresNotInstalled", "TempPgBouncer", "TempPostgres", "find_pg_bin"]
 
 
 class PostgresNotInstalled(RuntimeError):
@@ -150,3 +150,74 @@ class TempPostgres:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class TempPgBouncer:
+    """PgBouncer in **transaction** pooling mode in front of a :class:`TempPostgres`: each
+    transaction may run on any server connection, so nothing may rely on session state.
+
+    Needs the ``pgbouncer`` program (Debian: ``apt-get install pgbouncer``); it runs as the
+    ``postgres`` user when this process is root (PgBouncer refuses to run as root).
+    """
+
+    def __init__(self, server: TempPostgres) -> None:
+        program = shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+        )
+        if program is None:
+            raise PostgresNotInstalled("pgbouncer is not installed")
+        self.server = server
+        self.port = _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="emo-pgb-"))
+        as_user = server.as_user
+        (self.root / "users.txt").write_text('"postgres" ""\n')
+        ini = self.root / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"* = host=127.0.0.1 port={server.port}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            f"unix_socket_dir = {self.root}\n"
+            "auth_type = trust\n"
+            f"auth_file = {self.root / 'users.txt'}\n"
+            "pool_mode = transaction\n"
+            "max_client_conn = 500\n"
+            "default_pool_size = 20\n"
+            "ignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.root / 'pgbouncer.log'}\n"
+        )
+        if as_user is not None:
+            shutil.chown(self.root, user=as_user)
+            for f in self.root.iterdir():
+                shutil.chown(f, user=as_user)
+        cmd = [program, str(ini)]
+        if as_user is not None:
+            cmd = ["runuser", "-u", as_user, "--", *cmd]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                raise RuntimeError(f"pgbouncer exited: {err[-2000:]}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1),
+            ):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("pgbouncer did not start")
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+        shutil.rmtree(self.root, ignore_errors=True)
