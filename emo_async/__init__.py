@@ -78,6 +78,7 @@ from ._models import (
     TaskStatus,
 )
 from ._pg import PostgresUnavailable, is_dsn, redact_dsn
+from ._pg._account import SharedAccount
 from ._samples import make_sample_set
 from ._version import __version__
 
@@ -145,6 +146,7 @@ __all__ = [
     "ResultExpiredError",
     "RetryPolicy",
     "ServerError",
+    "SharedAccount",
     "Task",
     "TaskListItem",
     "TaskStatus",
