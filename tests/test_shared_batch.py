@@ -242,3 +242,37 @@ async def test_late_news_of_a_job_another_worker_finished_does_not_end_the_run(
         assert (await raw.get("k1")).phase.value == "done"  # type: ignore[union-attr]
         with pytest.raises(emo_async.JournalError):
             await late.record_submitted("k1", "task-2", at=now)
+
+
+async def test_cli_cancel_takes_a_dsn(tmp_path: Path, pg_dsn: str) -> None:
+    # Tasks of a shared batch still waiting on the server (the account runs one at a time,
+    # slowly): `emo-async cancel DSN --batch` cancels the PENDING ones, records them as
+    # cancelled, and leaves the running one alone.
+    import datetime as _dt
+
+    from test_cli import KEY, cli, connection, text
+
+    from emo_async._journal.postgres import PostgresJournal
+    from emo_async.simulator import SimulatorConfig
+
+    config = SimulatorConfig(api_keys={KEY}, time_scale=1.0, max_running=1, policy_ttl=1e6)
+    async with Simulator(config) as sim:
+        task_ids = [sim.create_foreign_task(3.0) for _ in range(3)]
+        async with client_for(sim) as client:
+            account = client.account_digest()
+        now = _dt.datetime.now(_dt.UTC)
+        async with await PostgresJournal.open(pg_dsn, batch=BATCH, account=account) as journal:
+            for i, task_id in enumerate(task_ids):
+                key = f"k{i}"
+                await journal.register(key, emo_async.Job(f"p{i}.png", f"v{i}.wav"))
+                await journal.record_intent(key, at=now)
+                await journal.record_submitted(key, task_id, at=now)
+        secret_dsn = pg_dsn.replace("postgresql://postgres@", "postgresql://postgres:pw-secret@")
+        result = await cli("cancel", secret_dsn, "--batch", BATCH, *connection(sim)[:4])
+        assert result.returncode == 0, text(result)
+        assert "pw-secret" not in text(result)
+        states = {t: sim.tasks[t].status for t in task_ids}
+        assert list(states.values()).count("CANCELED") == 2, states
+        async with await PostgresJournal.open(pg_dsn, batch=BATCH, account=account) as journal:
+            phases = sorted([(await journal.get(f"k{i}")).phase.value for i in range(3)])  # type: ignore[union-attr]
+        assert phases == ["cancelled", "cancelled", "submitted"], phases
