@@ -183,7 +183,7 @@ class PollPolicy:
     Attributes:
         target_delay: How long the client should take to notice that a task finished, in
             seconds (the poller queries an open task at least this often once it is due, rate
-            permitting; a list sweep not worth its pages may wait up to twice as long, see
+            permitting; a list sweep not worth its pages may wait up to three times as long, see
             ``sweep_finds``).
         use_list: Learn which tasks finished from ``GET /tasks?status=…`` sweeps (one request
             for many tasks) and query only those. Its limits are undocumented; the poller turns
@@ -215,9 +215,9 @@ class PollPolicy:
         sweep_finds: List sweeps are spent in proportion to finishes: a regular round sends
             one when the durations seen so far say it should find this many finished tasks per
             list page (or half the tasks it looks for, when few are open), and otherwise waits,
-            up to ``2 x target_delay`` since the last sweep. So where tasks end faster than
+            up to ``2.5 x target_delay`` since the last sweep. So where tasks end faster than
             ``sweep_finds`` per ``target_delay`` a sweep costs at most ``1 / sweep_finds``
-            list pages per job, and elsewhere a task may be noticed up to twice
+            list pages per job, and elsewhere a task may be noticed up to three times
             ``target_delay`` after it ended. 0 sweeps every round.
     """
 

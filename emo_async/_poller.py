@@ -15,7 +15,7 @@ open. The poller instead owns every open task and decides when each is next look
   task-query limiter, so the account limit holds whatever the number of tasks.
 * Sweeps are spent in proportion to finishes. A round sends one only when the durations seen
   so far say it should find ``sweep_finds`` finished tasks a page (or half the tasks it looks
-  for, when few are left), and at least every ``2 x target_delay``: when tasks end more slowly
+  for, when few are left), and at least every ``2.5 x target_delay``: when tasks end more slowly
   than that, noticing them a round later costs little and halves the list pages per job. Nor
   does a round sweep while the tasks already known finished keep the query budget busy until
   the next round: what it found could not be fetched sooner, and its pages would delay them.
@@ -74,7 +74,7 @@ _TAIL_SHARE = 0.5
 _TAIL_WORTH = 0.25
 #: A regular sweep not worth its pages still goes out once this many ``target_delay`` have
 #: passed since the last one.
-_SWEEP_STRETCH = 2.0
+_SWEEP_STRETCH = 2.5
 #: Until as many durations were seen as tasks are open (or this many), they may be the first
 #: wave's fastest only, the rest still running, and would call every older task finished:
 #: sweeps keep to the stretched cadence.
