@@ -24,6 +24,7 @@ Writes ``benchmarks/results/workers.md`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import wave
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--time-scale", type=float, default=0.02)
     p.add_argument("--task-qps", type=float, default=20.0, help="the account's query rate")
     p.add_argument("--max-tasks", type=int, default=20, help="the account's open tasks")
-    p.add_argument("--lease", type=float, default=5.0)
+    p.add_argument("--lease", type=float, default=10.0)
     p.add_argument("--cases", default="abcd")
     p.add_argument("--submit-qps", type=float, default=10.0, help="the account's submit rate")
     p.add_argument("--out", type=Path, default=RESULTS / "workers.md")
@@ -107,6 +109,28 @@ def worker_cmd(
     return cmd
 
 
+def verify(tasks: list[dict[str, Any]], outs: list[Path], media: Path) -> tuple[int, int]:
+    """(files byte-identical to the video of a task made from their own job's audio, paid
+    videos in no file). The sample clips all differ in duration, so a task's billed audio
+    names its job."""
+    by_digest = {t["sha256"]: t for t in tasks if t.get("sha256")}
+    verified = 0
+    saved: set[str] = set()
+    for out in outs:
+        for path in out.glob("*.mp4"):
+            task = by_digest.get(hashlib.sha256(path.read_bytes()).hexdigest())
+            wav = next(media.rglob(f"{path.stem}.wav"), None)
+            if task is None or wav is None:
+                continue
+            with wave.open(str(wav)) as w:
+                seconds = w.getnframes() / w.getframerate()
+            if abs(seconds - task["audio"]) < 0.01:
+                verified += 1
+                saved.add(task["id"])
+    lost = sum(1 for t in tasks if t["status"] == "SUCCEEDED" and t["id"] not in saved)
+    return verified, lost
+
+
 def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("w") as err:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
@@ -146,6 +170,7 @@ async def run_case(
     ]
     audio = Counter(round(t["audio"], 4) for t in ledger["tasks"])
     files = Counter(p.stem for o in outs for p in o.glob("*.mp4"))
+    verified, lost = verify(ledger["tasks"], outs, media)
     return {
         "case": case,
         "workers": n,
@@ -155,6 +180,8 @@ async def run_case(
         "duplicates": sum(c - 1 for c in audio.values() if c > 1),
         "files_per_job": sorted(set(files.values())) if files else [0],
         "jobs_with_file": len(files),
+        "verified": verified,
+        "paid_lost": lost,
         "throttled": sum(1 for s in req["status"] if s == 429),
         "max_task_queries_1s": max_in_window(sorted(task_times)) if task_times else 0,
         "event": event,
@@ -182,14 +209,16 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, command: str) -
         " limits and shares them (and one poller) with the others through the DSN.",
         "",
         "| case | workers | makespan | tasks | duplicate tasks | jobs with a file | files per job"
-        " | 429s | max task queries in 1 s | exit codes | event |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        " | verified files | paid videos lost | 429s | max task queries in 1 s | exit codes"
+        " | event |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']}: {NAMES[r['case']]} | {r['workers']} | {r['makespan']:.1f} s"
             f" | {r['tasks']} | {r['duplicates']} | {r['jobs_with_file']}/{args.jobs}"
-            f" | {r['files_per_job']} | {r['throttled']} | {r['max_task_queries_1s']}"
+            f" | {r['files_per_job']} | {r['verified']}/{args.jobs} | {r['paid_lost']}"
+            f" | {r['throttled']} | {r['max_task_queries_1s']}"
             f" | {r['exit_codes']} | {r['event']} |"
         )
     if "a" in by and "b" in by:

@@ -112,7 +112,15 @@ async def test_a_dead_workers_jobs_are_finished_by_the_others(tmp_path: Path, pg
         assert by_job(outcomes_all) == Counter(j.display_name for j in jobs)
         assert sim.ledger.duplicate_tasks() == {}
         assert len(sim.ledger.tasks_created) == 60
-        assert videos(outs) == Counter(j.display_name for j in jobs)
+        # The survivors saved each job at most once; a worker killed between saving a video
+        # and recording it leaves that file in its own folder, and a survivor saves the same
+        # video again (the same task's bytes, never a second task).
+        assert set(videos(outs)) == {j.display_name for j in jobs}
+        assert max(videos(outs[1:]).values()) == 1
+        for name, count in videos(outs).items():
+            if count > 1:
+                copies = {sha(p.read_bytes()) for out in outs for p in out.glob(f"{name}.mp4")}
+                assert len(copies) == 1, name
 
 
 async def run_shared_status(dsn: str, client: emo_async.Client) -> int:

@@ -449,6 +449,10 @@ class SharedBatch:
                 item.name,
             )
             self.settled(item.key)
+            # If the claim is still ours after all, nobody else would take the job while our
+            # heartbeat renews it: the next claim gives it back (see :meth:`_orphans`), and
+            # whoever claims it next settles its intent.
+            self._maybe_orphans = True
             raise JobDropped(f"the claim on job {item.key} may have run out before its submit")
 
         return check
