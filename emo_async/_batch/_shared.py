@@ -148,13 +148,13 @@ class PatientJournal:
 
         @functools.wraps(attr)
         async def call(*args: Any, **kwargs: Any) -> Any:
-            if name not in _MOVED_ON_ELSEWHERE:
-                return await _patiently(lambda: attr(*args, **kwargs), name, self._patience)
             from .._exceptions import JournalError
 
             try:
                 return await _patiently(lambda: attr(*args, **kwargs), name, self._patience)
             except JournalError as exc:
+                if name not in _MOVED_ON_ELSEWHERE:
+                    raise
                 # The job moved on under another worker (it took the job over after this one
                 # lost its claim, and finished it): its task id is recorded already, so no
                 # paid video is lost; this worker's late news is dropped, not its whole run.

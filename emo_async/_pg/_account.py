@@ -81,9 +81,10 @@ class SharedAccount:
 
 
 def account_id(base_url: str, workspace: str | None, api_key: str) -> str:
-    """The default account name: a one-way digest of what identifies the account."""
-    digest = hashlib.sha256(f"{base_url}\0{workspace or ''}\0{api_key}".encode())
-    return "key-" + digest.hexdigest()[:24]
+    """The default account name: the one-way digest the shared journal records too."""
+    from .._batch._shared import account_fingerprint
+
+    return "key-" + account_fingerprint(base_url, workspace, api_key)[:24]
 
 
 def _channel(account: str) -> str:
