@@ -652,3 +652,47 @@ class TestCleanupOrphans:
 
     async def test_missing_directory_is_fine(self, tmp_path: Path) -> None:
         assert await cleanup_orphans(tmp_path / "nope", keep=()) == []
+
+    async def test_removes_sidecar_writes_a_kill_cut_short(self, tmp_path: Path) -> None:
+        # write_sidecar writes <meta>.<8 hex>.tmp then renames it: killed in between, the
+        # temporary file is left, empty (killed before its one write) or complete.
+        (tmp_path / "b.mp4.part").write_bytes(b"x")
+        write_our_sidecar(tmp_path / "b.mp4.part.json")
+        (tmp_path / "b.mp4.part.json.0123abcd.tmp").write_bytes(b"")
+        write_our_sidecar(tmp_path / "c.mp4.part.json")  # complete, never renamed:
+        os.rename(tmp_path / "c.mp4.part.json", tmp_path / "c.mp4.part.json.89abcdef.tmp")
+        (tmp_path / "e.mp4.part.json.00000000.tmp").write_bytes(b"")  # nothing else left
+        (tmp_path / "a.mp4.part").write_bytes(b"x")  # resumed: left alone with its temp
+        (tmp_path / "a.mp4.part.json.11111111.tmp").write_bytes(b"")
+        (tmp_path / "f.mp4.part.json.22222222.tmp").write_text("a user's own file")
+        (tmp_path / "g.mp4.part.json.xyz.tmp").write_bytes(b"")  # not our name
+        (tmp_path / "h.mp4.part").write_bytes(b"x")  # a .part with no sidecar: not ours
+        (tmp_path / "h.mp4.part.json.33333333.tmp").write_bytes(b"")
+        removed = await cleanup_orphans(tmp_path, keep=[tmp_path / "a.mp4"])
+        assert sorted(p.name for p in removed) == [
+            "b.mp4.part",
+            "b.mp4.part.json",
+            "b.mp4.part.json.0123abcd.tmp",
+            "c.mp4.part.json.89abcdef.tmp",
+            "e.mp4.part.json.00000000.tmp",
+        ]
+        assert listing(tmp_path) == [
+            "a.mp4.part",
+            "a.mp4.part.json.11111111.tmp",
+            "f.mp4.part.json.22222222.tmp",
+            "g.mp4.part.json.xyz.tmp",
+            "h.mp4.part",
+            "h.mp4.part.json.33333333.tmp",
+        ]
+
+    async def test_download_removes_its_own_cut_short_sidecar_write(
+        self, media: MediaServer, tmp_path: Path
+    ) -> None:
+        obj = media.add("a.mp4", SIZE)
+        dest = tmp_path / "a.mp4"
+        (tmp_path / "a.mp4.part.json.0123abcd.tmp").write_bytes(b"")
+        (tmp_path / "b.mp4.part.json.0123abcd.tmp").write_bytes(b"")  # another download's
+        async with downloader() as dl:
+            result = await dl.download(media.url("a.mp4"), dest)
+        assert_clean(result, obj)
+        assert listing(tmp_path) == ["a.mp4", "b.mp4.part.json.0123abcd.tmp"]

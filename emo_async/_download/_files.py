@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import stat
 import sys
@@ -77,6 +78,11 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
     A sidecar is ours when it is a JSON object of our version with both URL hashes; newer ones
     also name their owner and their ``.part``. A symlink is never followed.
     """
+    raw = _read_small(path)
+    return None if raw is None else _parse_sidecar(raw, path.name[:-5])
+
+
+def _read_small(path: Path) -> bytes | None:
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _CLOEXEC)
     except OSError:
@@ -85,11 +91,14 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_size > _SIDECAR_LIMIT:
             return None
-        raw = os.read(fd, _SIDECAR_LIMIT)
+        return os.read(fd, _SIDECAR_LIMIT)
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _parse_sidecar(raw: bytes, part_name: str) -> dict[str, Any] | None:
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -98,9 +107,46 @@ def read_sidecar(path: Path) -> dict[str, Any] | None:
         return None
     if not all(isinstance(meta.get(k), str) for k in ("url_sha256", "resource_sha256")):
         return None
-    if meta.get("owner", OWNER) != OWNER or meta.get("part", path.name[:-5]) != path.name[:-5]:
+    if meta.get("owner", OWNER) != OWNER or meta.get("part", part_name) != part_name:
         return None
     return meta
+
+
+#: ``<name>.part.json.<8 hex>.tmp``: a sidecar being written by :func:`write_sidecar`, left
+#: behind when its process was killed before the rename.
+_SIDECAR_TMP = re.compile(r"(?P<meta>.+\.part\.json)\.[0-9a-f]{8}\.tmp")
+
+
+def sidecar_tmp_meta(name: str) -> str | None:
+    """The sidecar name a temporary file called ``name`` was being written for, if any."""
+    found = _SIDECAR_TMP.fullmatch(name)
+    return found["meta"] if found else None
+
+
+def remove_stale_sidecar_tmps(meta: Path) -> list[Path]:
+    """Delete the temporary files a killed :func:`write_sidecar` left for ``meta``.
+
+    Call it only while holding the lock of ``meta``'s ``.part`` (or when that ``.part`` does
+    not exist): sidecars are written only under that lock, so none of these is being written.
+    A file is removed only if it is a regular file that is empty (killed before its single
+    write) or holds our sidecar for that ``.part``; anything else is not provably ours.
+    """
+    try:
+        names = [e.name for e in os.scandir(meta.parent) if sidecar_tmp_meta(e.name) == meta.name]
+    except OSError:
+        return []
+    removed: list[Path] = []
+    for name in names:
+        path = meta.with_name(name)
+        raw = _read_small(path)
+        if raw is None or (raw and _parse_sidecar(raw, meta.name[:-5]) is None):
+            continue
+        try:
+            os.unlink(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def write_sidecar(path: Path, meta: dict[str, Any]) -> None:

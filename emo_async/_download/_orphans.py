@@ -15,7 +15,16 @@ from pathlib import Path
 
 import anyio
 
-from ._files import _CLOEXEC, _NOFOLLOW, _NONBLOCK, _is_current, read_sidecar, try_lock
+from ._files import (
+    _CLOEXEC,
+    _NOFOLLOW,
+    _NONBLOCK,
+    _is_current,
+    read_sidecar,
+    remove_stale_sidecar_tmps,
+    sidecar_tmp_meta,
+    try_lock,
+)
 
 __all__ = ["cleanup_orphans"]
 
@@ -70,6 +79,7 @@ def _cleanup_orphans_sync(root: Path, keep: list[Path]) -> list[Path]:
 
 
 def _stem(name: str) -> str | None:
+    name = sidecar_tmp_meta(name) or name
     for tail in (".part.json", ".part"):
         if name.endswith(tail) and len(name) > len(tail):
             return name[: -len(tail)]
@@ -78,13 +88,16 @@ def _stem(name: str) -> str | None:
 
 def _remove_if_orphan(part: Path, meta: Path) -> list[Path]:
     if read_sidecar(meta) is None:
+        if not os.path.lexists(part):
+            # A sidecar write killed before its rename, with nothing else left.
+            return remove_stale_sidecar_tmps(meta)
         return []  # not provably ours
     try:
         info = os.lstat(part)
     except FileNotFoundError:
         # A sidecar alone: its download finished or never created the .part (which a live
         # download creates, locked, before its sidecar).
-        return _unlink(meta)
+        return _unlink(meta) + remove_stale_sidecar_tmps(meta)
     except OSError:
         return []
     if not stat.S_ISREG(info.st_mode):
@@ -101,7 +114,7 @@ def _remove_if_orphan(part: Path, meta: Path) -> list[Path]:
             return []
         # Unlinked while we hold the lock, so a download starting now cannot have opened it
         # and still believe it is current.
-        return _unlink(part) + _unlink(meta)
+        return _unlink(part) + _unlink(meta) + remove_stale_sidecar_tmps(meta)
     finally:
         os.close(fd)
 

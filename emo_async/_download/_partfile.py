@@ -25,6 +25,7 @@ from ._files import (
     open_part,
     part_paths,
     read_sidecar,
+    remove_stale_sidecar_tmps,
     write_sidecar,
 )
 from ._types import DownloadResult
@@ -104,6 +105,8 @@ class _PartFile:
                     raise
         except OSError as exc:
             raise _os_download_error("creating", self.part, exc) from exc
+        # Ours under the lock now: a sidecar write a kill cut short is nobody's any more.
+        await anyio.to_thread.run_sync(remove_stale_sidecar_tmps, self.meta)
         if not resume:
             try:
                 await self.file.truncate(0)  # type: ignore[union-attr]
