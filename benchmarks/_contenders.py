@@ -140,8 +140,11 @@ async def run_emo_async(spec: Mapping[str, Any]) -> dict[str, Any]:
         submit_qps=float(spec["submit_qps"]),
     )
     if "our_list_qps" in spec:
-        # The list's own limit, when the harness knows the account's.
-        limits = attrs.evolve(limits, list_qps=float(spec["our_list_qps"]))
+        # The list's own limit, when the harness knows the account's: a budget of its own,
+        # apart from the task queries' (the simulator's buckets are separate).
+        limits = attrs.evolve(
+            limits, list_qps=float(spec["our_list_qps"]), list_shares_task_qps=False
+        )
     rec = Recorder()
     if spec.get("inputs", "local") == "url":
         jobs = [Job(j["image_url"], j["audio_url"], name=j["name"]) for j in spec["jobs"]]

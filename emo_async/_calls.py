@@ -20,7 +20,7 @@ from ._exceptions import AmbiguousSubmitError
 from ._models import SERVER_TZ, BBox, Detection, Task, TaskListItem, TaskPage, TaskStatus
 
 if TYPE_CHECKING:
-    from ._config import PollPolicy, Timeouts
+    from ._config import Limits, PollPolicy, Timeouts
     from ._http import HttpCore
     from ._owned import OwnedTasks
     from ._poller import StatusPoller
@@ -41,6 +41,7 @@ class ApiCalls:
     if TYPE_CHECKING:
         # Supplied by Client.
         owned: OwnedTasks
+        limits: Limits
         timeouts: Timeouts
         poll_policy: PollPolicy
         _limiters: dict[str, AdaptiveRateLimiter]
@@ -218,10 +219,15 @@ class ApiCalls:
             params["status"] = status
         if model_name:
             params["model_name"] = model_name
-        # A page counts against the list's own (undocumented) limit and the task queries'.
+        # A page counts against the list's own (undocumented) limit, and against the task
+        # queries' unless the account is known to keep them apart.
+        shared = self.limits.list_shares_task_qps
         with call_options(timeout, extra_headers):
-            await self._limiters["list"].acquire()
-            resp = await self._core().request("GET", "/tasks", family="task", params=params)
+            if shared:
+                await self._limiters["list"].acquire()
+            resp = await self._core().request(
+                "GET", "/tasks", family="task" if shared else "list", params=params
+            )
         if self._poller is not None:
             self._poller.note_list_page()
         body = resp.body

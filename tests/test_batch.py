@@ -285,8 +285,13 @@ class TestFaults:
             # Durations of 0.5-1.5 s and 40 % of answers lost: some lost tasks cannot be told
             # apart by what they billed. Those jobs end unresolved, never resent or guessed.
             check_settled(sim, outcomes, tmp_path / "out")
-            assert sum(o.state == OutcomeState.DONE for o in outcomes) >= 30
-            assert any(r.fault for r in sim.ledger.requests if r.endpoint == "submit")
+            # Only a job whose submit answer was lost may end other than done (how many of
+            # those stay unresolved depends on how their windows overlapped in time).
+            lost = sum(1 for r in sim.ledger.requests if r.endpoint == "submit" and r.fault)
+            assert lost > 0
+            done = sum(o.state == OutcomeState.DONE for o in outcomes)
+            assert done >= len(jobs) - lost
+            assert done >= len(jobs) // 2, (done, lost)
 
     async def test_many_lost_answers_and_errors_end_without_duplicates(
         self, tmp_path: Path

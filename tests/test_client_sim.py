@@ -50,6 +50,21 @@ class TestRateAtTheServer:
             assert stats.throttled > 0
             assert stats.limiters["task"].rate < 100
 
+    @pytest.mark.parametrize("shared", [True, False])
+    async def test_list_pages_share_the_task_budget_unless_told_apart(
+        self, shared: bool
+    ) -> None:
+        limits = Limits(task_qps=50, list_qps=50, list_shares_task_qps=shared)
+        async with Simulator(SimulatorConfig()) as sim:
+            async with Client(sim.api_key, base_url=sim.base_url, limits=limits) as client:
+                for _ in range(3):
+                    await client.list_page()
+                await client.get_task("task-1")
+                stats = client.statistics()
+            assert sim.ledger.count("task_list") == 3
+            assert stats.limiters["list"].acquired == 3
+            assert stats.limiters["task"].acquired == (4 if shared else 1)
+
 
 @pytest.fixture
 async def sim_process() -> AsyncIterator[tuple[str, str]]:
