@@ -69,7 +69,11 @@ def report(
         "(`GET /tasks/{id}` + `GET /tasks` pages) / N at the simulator, 429s included; "
         "**429s** = throttled requests at the simulator (all self-inflicted: no fault "
         "throttles); **dup** = tasks created beyond one per distinct input (lost answers "
-        "resent); **tail** = the contender's return − the last task's end; **p95 delay** = "
+        "resent); **tail** = the contender's return − the last task's end; **drain** = the "
+        "task GETs the contender still sent after the last task's end, at Q/s: the part of the "
+        "tail the query budget alone takes (where queries bind, every client's tail, the ideal "
+        "one's included, is mostly this queue; the makespan ratio says how well the run before "
+        "it used the budget); **p95 delay** = "
         "notice − task end; **failed** = jobs not done.",
         "",
     ]
@@ -92,8 +96,8 @@ def report(
                 f"### {regime_name}-bound, {ms} ms per request",
                 "",
                 "| contender | makespan s | floor s | ×floor | ×mean-T bound | queries/job | "
-                "429s | dup | tail s | p95 delay s | failed |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "429s | dup | tail s | drain s | p95 delay s | failed |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for name, r in rows.items():
                 if r["timed_out"]:
@@ -104,7 +108,8 @@ def report(
                 lines.append(
                     f"| {name} | {makespan} | {r['floor']:.1f} | {_f(r['ratio'])} | "
                     f"{_f(vs_bound)} | {r['queries_per_job']:.2f} | {r['throttled_total']} | "
-                    f"{r['duplicates']} | {_f(r['tail'])} | {_f(r.get('delay_p95'))} | "
+                    f"{r['duplicates']} | {_f(r['tail'])} | {_f(r.get('drain'))} | "
+                    f"{_f(r.get('delay_p95'))} | "
                     f"{r['failed']} |"
                 )
             lines.append("")
@@ -120,8 +125,9 @@ def report(
             "## emo_async against issue 17's targets",
             "",
             f"| regime | latency ms | ≤ {TARGET_RATIO} × floor | ≤ {TARGET_QUERIES_PER_JOB} "
-            f"queries/job | 0 429s | tail ≤ {TARGET_TAIL:g} s | 0 duplicates |",
-            "|---|---|---|---|---|---|---|",
+            f"queries/job | 0 429s | tail ≤ {TARGET_TAIL:g} s | tail − drain ≤ "
+            f"{TARGET_TAIL:g} s | 0 duplicates |",
+            "|---|---|---|---|---|---|---|---|",
             *targets,
             "",
         ]
@@ -154,12 +160,14 @@ def _targets(found: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
             r = rows.get("emo_async")
             if r is None or r["timed_out"]:
                 continue
+            excess = r["tail"] - (r.get("drain") or 0.0)
             out.append(
                 f"| {regime_name} | {ms} | {r['ratio']:.3f} {_ok(r['ratio'] <= TARGET_RATIO)} | "
                 f"{r['queries_per_job']:.2f} "
                 f"{_ok(r['queries_per_job'] <= TARGET_QUERIES_PER_JOB)} | "
                 f"{r['throttled_total']} {_ok(r['throttled_total'] == 0)} | "
                 f"{r['tail']:.2f} {_ok(r['tail'] <= TARGET_TAIL)} | "
+                f"{excess:.2f} {_ok(excess <= TARGET_TAIL)} | "
                 f"{r['duplicates']} {_ok(r['duplicates'] == 0)} |"
             )
     return out

@@ -161,6 +161,12 @@ def ideal_floor(durations: Sequence[float], c: int, r: float, q: float | None = 
     return makespan
 
 
+def _gets_after(req: Mapping[str, Any], t: float) -> int:
+    return sum(
+        1 for at, e in zip(req["t"], req["endpoint"], strict=True) if e == "task_get" and at > t
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # One run
 
@@ -250,6 +256,10 @@ def measure(
         ratio=makespan / floor if floor > 0 else None,
         # Measured from the contender's own start, as its makespan is.
         tail=res["t_end"] - max(ends) if ends else None,
+        # ...and what of it the query budget alone takes: the task GETs still to send when
+        # the last task ended, at Q/s. Where queries bind, that is most of the tail for any
+        # client (the ideal one included); the rest is the client's own.
+        drain=_gets_after(req, max(ends)) / q if ends else None,
         done=res["done"],
         failed=res["failed"],
         failures=res["failures"],

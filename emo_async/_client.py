@@ -292,12 +292,13 @@ class Client(Conveniences, AsyncContextManagerMixin):
                 user_agent=ua,
                 workspace=self.workspace,
             )
-            task_limiter = self._limiters["task"]
+            task_limiter, list_limiter = self._limiters["task"], self._limiters["list"]
             self._poller = StatusPoller(
                 self.poll_policy,
                 self.get_task,
                 self._sweep_pages,
                 query_rate=lambda: task_limiter.rate,
+                list_rate=lambda: list_limiter.rate,
             )
             body_exc: BaseException | None = None
             try:

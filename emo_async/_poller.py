@@ -72,6 +72,9 @@ _TAIL_SHARE = 0.5
 #: An extra look is worth its query when it finds a finished task at least this often (a list
 #: page: when it is expected to find this many).
 _TAIL_WORTH = 0.25
+#: The budget binds when the last sweep found finishes at this share of the task-query rate
+#: or more (a hair under 1: a rate measured over a few seconds is not exact).
+_BINDING = 0.9
 #: A regular sweep not worth its pages still goes out once this many ``target_delay`` have
 #: passed since the last one.
 _SWEEP_STRETCH = 2.5
@@ -207,11 +210,14 @@ class StatusPoller:
         clock: Clock = time.monotonic,
         move_on_after: Timeout = anyio.move_on_after,
         query_rate: Callable[[], float] | None = None,
+        list_rate: Callable[[], float] | None = None,
     ) -> None:
         self.policy = policy
         # The client's task-query rate right now (it falls after a 429): what the tail looks
         # may use a share of. Without it, no tail looks.
         self._query_rate = query_rate
+        # The list pages' rate: a sweep of several pages takes their spacing to answer.
+        self._list_rate = list_rate
         # Tests pass a fake clock and its timeout, to step through hours of polling at once.
         self._clock = clock
         self._move_on_after = move_on_after
@@ -230,6 +236,12 @@ class StatusPoller:
         self._tail_credit = _TAIL_CREDIT_START
         self._last_round = -math.inf
         self._last_sweep = -math.inf
+        #: Finished tasks per second the last regular sweep found, over the time since the
+        #: one before: what the next sweep should find, before the model knows enough.
+        self._find_rate = 0.0
+        #: How long the last sweep took to answer, per page it read (list pages have a rate
+        #: of their own: a sweep of two pages takes at least one page's spacing longer).
+        self._page_seconds = 0.0
         self._tail_recheck = -math.inf
         #: Tail rounds run, and what they cost beyond finding finished tasks (statistics).
         self.tail_rounds = 0
@@ -425,8 +437,16 @@ class StatusPoller:
         if self._list_enabled and len(due) >= 2:
             if not tail and not self._sweep_worth(entries, due, now):
                 return
-            self._last_sweep = now
+            since, self._last_sweep = now - self._last_sweep, now
+            before = self._list_queries
             listed = await self._sweep(entries)
+            # A page's round trip, the list rate's spacing between pages left out.
+            read = max(1, self._list_queries - before)
+            took, gap = max(0.0, self._clock() - now), self._page_gap()
+            self._page_seconds = took / read if took / read >= gap else took - (read - 1) * gap
+            if listed is not None and not tail and math.isfinite(since):
+                finds = sum(1 for e in due if (st := listed.get(e.task_id)) and st.is_terminal)
+                self._find_rate = finds / max(since, self.policy.target_delay)
             if listed is not None:
                 for e in due:
                     status = listed.get(e.task_id)
@@ -483,25 +503,47 @@ class StatusPoller:
         waiting = sum(1 for e in entries if e.querying)
         return waiting > 0 and waiting >= self._query_rate() * horizon
 
+    def _sweep_answer(self, entries: list[_Entry]) -> float:
+        """Seconds a sweep now would take to answer: each page's round trip, and the list
+        rate's spacing between its pages."""
+        rtt = self._page_seconds
+        return rtt + (self._pages(entries) - 1) * max(rtt, self._page_gap())
+
+    def _page_gap(self) -> float:
+        return 1.0 / self._list_rate() if self._list_rate is not None else 0.0
+
     def _sweep_worth(self, entries: list[_Entry], due: list[_Entry], now: float) -> bool:
         """Whether a regular round's sweep is worth its pages now."""
         policy = self.policy
-        if self._backlogged(entries, policy.target_delay):
+        # Backlogged past the next round and this sweep's own answer: its finds could not be
+        # fetched any sooner. Short of that, it goes out now so that they queue up before
+        # the budget idles.
+        if self._backlogged(entries, policy.target_delay + self._sweep_answer(entries)):
             return False
         stretch = _SWEEP_STRETCH * policy.target_delay
         # Rounds come every target_delay: a hair of slack so float sums do not skip one.
         if policy.sweep_finds <= 0 or now - self._last_sweep >= stretch * (1 - 1e-6):
             return True
-        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
-            return False
         # Queued tasks cannot have ended: a later sweep will see them started.
         running = [e for e in due if not e.pending]
         if not running:
             return False
-        expected = sum(self._likelihood(e, now) for e in running)
         # With few tasks open (a batch's end), waiting for many finds would wait for the last.
         unseen = sum(1 for e in entries if not e.querying and not e.pending)
         wanted = min(policy.sweep_finds * self._pages(entries), unseen / 2)
+        if self._query_rate is not None and self._find_rate >= _BINDING * self._query_rate():
+            # Tasks end about as fast as the budget can fetch them, or faster: the budget
+            # binds, and every second it idles delays the batch's end by as much. A sweep that
+            # keeps it busy is worth its pages whatever it finds.
+            return True
+        if self._find_rate * (now - self._last_sweep) >= wanted:
+            # At the pace the last sweep found finishes, this one is worth its pages: when
+            # tasks end faster than they are fetched, the next sweep goes out as soon as the
+            # queries of the last one no longer keep the budget busy, model or not.
+            return True
+        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
+            return False
+        expected = sum(self._likelihood(e, now) for e in running)
         return expected >= wanted
 
     async def _sweep(self, entries: list[_Entry]) -> dict[str, TaskStatus] | None:

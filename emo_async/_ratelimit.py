@@ -65,7 +65,10 @@ class AdaptiveRateLimiter:
     _CALM = 0.25
     #: After a cut, the target is this fraction of the rate that was throttled.
     _TARGET_MARGIN = 0.95
-    _SLACK = 1.05
+    #: Permits are spaced this much wider than ``1 / rate``: a guard against the jitter
+    #: between our send and the server's arrival squeezing rate + 1 requests into one of its
+    #: seconds. Small, since a 429 is handled anyway (and the limit is the account's own).
+    _SLACK = 1.02
 
     def __init__(
         self,
@@ -136,7 +139,7 @@ class AdaptiveRateLimiter:
                     if wait <= 0:
                         break
                     await self._sleep(wait)
-                # 5 % slack: jitter between our send and the server's arrival (a busy loop,
+                # The slack: jitter between our send and the server's arrival (a busy loop,
                 # the network) must not squeeze rate+1 requests into one second there.
                 self._next = max(self._next, now) + self._SLACK / self._rate
                 self._acquired += 1

@@ -51,9 +51,7 @@ class TestRateAtTheServer:
             assert stats.limiters["task"].rate < 100
 
     @pytest.mark.parametrize("shared", [True, False])
-    async def test_list_pages_share_the_task_budget_unless_told_apart(
-        self, shared: bool
-    ) -> None:
+    async def test_list_pages_share_the_task_budget_unless_told_apart(self, shared: bool) -> None:
         limits = Limits(task_qps=50, list_qps=50, list_shares_task_qps=shared)
         async with Simulator(SimulatorConfig()) as sim:
             async with Client(sim.api_key, base_url=sim.base_url, limits=limits) as client:

@@ -5,12 +5,14 @@ a fake clock (see test_poller for the rig)."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from _media_fixtures import FileServer
 from test_poller import Rig, rig
 
 from emo_async import PollPolicy, TaskStatus
+from emo_async._poller import StatusPoller
 
 pytestmark = pytest.mark.anyio
 
@@ -160,3 +162,56 @@ class TestFallback:
             r.sim.clock.advance(TASK_SECONDS)
             await r.run_until_done(ids)
         assert all(r.results[t][1].succeeded for t in ids)
+
+
+class TestBindingBudget:
+    """When tasks end as fast as the query budget fetches them, or faster, a sweep goes out as
+    soon as the known finishes no longer fill the budget past its answer, not when the page
+    economy or the model would send one: every second the budget idles then delays the end."""
+
+    @staticmethod
+    def _poller(
+        query_rate: float, list_rate: float, watched: int, querying: int
+    ) -> tuple[StatusPoller, list[Any]]:
+        now = [100.0]
+
+        async def unused(*_: object) -> Any:
+            raise AssertionError("no request in this test")
+
+        poller = StatusPoller(
+            _policy(list_page_size=5),
+            unused,
+            unused,  # type: ignore[arg-type]
+            clock=lambda: now[0],
+            query_rate=lambda: query_rate,
+            list_rate=lambda: list_rate,
+        )
+        for i in range(watched):
+            poller.watch(f"t{i}", submitted_at=now[0] - 1.0)
+        entries = list(poller._entries.values())
+        for e in entries[:querying]:
+            e.querying = True
+        return poller, entries
+
+    def test_a_binding_budget_sweeps_before_it_idles(self) -> None:
+        # 2 GETs/s; the last sweep, 1 s ago, found 2 finishes over 1 s: the budget binds.
+        # 1 GET still waits and 20 tasks are open (4 pages: it would want 10 finds a sweep).
+        poller, entries = self._poller(2.0, 10.0, watched=21, querying=1)
+        poller._last_sweep, poller._find_rate = 99.0, 2.0
+        due = [e for e in entries if not e.querying]
+        assert poller._sweep_worth(entries, due, 100.0)
+        # Found at half the budget's pace: the budget does not bind, and the page economy
+        # waits for enough finishes (or the stretch).
+        poller._find_rate = 1.0
+        assert not poller._sweep_worth(entries, due, 100.0)
+
+    def test_a_queue_past_the_next_round_and_the_answer_waits(self) -> None:
+        # 4 pages at 2 pages/s take 1.5 s to answer: with the 1 s round, 2.5 s of GETs (5 at
+        # 2/s) already waiting keep the budget busy until the sweep's finds arrive.
+        poller, entries = self._poller(2.0, 2.0, watched=25, querying=5)
+        poller._last_sweep, poller._find_rate = 99.0, 5.0
+        due = [e for e in entries if not e.querying]
+        assert not poller._sweep_worth(entries, due, 100.0)
+        entries[4].querying = False  # one fewer: the budget would idle before the answer
+        due = [e for e in entries if not e.querying]
+        assert poller._sweep_worth(entries, due, 100.0)

@@ -111,6 +111,10 @@ class SharedRateLimiter(AdaptiveRateLimiter):
     group so reports reach the database even while nobody acquires.
     """
 
+    #: Wider than the local limiter's: each process reaches the server over its own path, and
+    #: the row's clock is the database's, so their jitters add up.
+    _SLACK = 1.05
+
     def __init__(
         self,
         pool: AsyncConnectionPool[Any],
