@@ -17,8 +17,11 @@ open. The poller instead owns every open task and decides when each is next look
   so far say it should find ``sweep_finds`` finished tasks a page (or half the tasks it looks
   for, when few are left), and at least every ``2.5 x target_delay``: when tasks end more slowly
   than that, noticing them a round later costs little and halves the list pages per job. Nor
-  does a round sweep while the tasks already known finished keep the query budget busy until
-  the next round: what it found could not be fetched sooner, and its pages would delay them.
+  does a round sweep while the tasks already known finished keep the query budget busy past
+  the next round and the sweep's own answer: what it found could not be fetched sooner. When
+  the last sweep found finishes about as fast as the budget fetches them (the budget binds),
+  the next one goes out as soon as that is no longer so, whatever it is expected to find: an
+  idle second of a binding budget is a second added to the batch.
 * The tail: while the task-query budget has room (at most half the client's task-query rate)
   and the tail credit lasts (``tail_queries_per_task`` per watched task), the tasks most likely
   finished — by the durations observed so far, those past their usual duration first — are
@@ -537,9 +540,8 @@ class StatusPoller:
             # keeps it busy is worth its pages whatever it finds.
             return True
         if self._find_rate * (now - self._last_sweep) >= wanted:
-            # At the pace the last sweep found finishes, this one is worth its pages: when
-            # tasks end faster than they are fetched, the next sweep goes out as soon as the
-            # queries of the last one no longer keep the budget busy, model or not.
+            # At the pace the last sweep found finishes, this one finds enough to be worth
+            # its pages, whatever the model (still learning, perhaps) says.
             return True
         if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
             return False
