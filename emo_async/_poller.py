@@ -539,13 +539,16 @@ class StatusPoller:
             # binds, and every second it idles delays the batch's end by as much. A sweep that
             # keeps it busy is worth its pages whatever it finds.
             return True
-        if self._find_rate * (now - self._last_sweep) >= wanted:
-            # At the pace the last sweep found finishes, this one finds enough to be worth
-            # its pages, whatever the model (still learning, perhaps) says.
-            return True
-        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
-            return False
         expected = sum(self._likelihood(e, now) for e in running)
+        if self.model.observations < min(len(entries), _SWEEP_MODEL_MIN):
+            # The model may know only the fastest tasks yet and overrate every finish: it
+            # decides only whether the budget would idle before the stretched sweep, with
+            # more tasks probably finished than it could fetch by then (cheap where the
+            # budget is large; where it is small, the very case it may bind).
+            if self._query_rate is None or not self.model.observations:
+                return False
+            until_stretch = stretch - (now - self._last_sweep)
+            return expected >= max(wanted, self._query_rate() * until_stretch)
         return expected >= wanted
 
     async def _sweep(self, entries: list[_Entry]) -> dict[str, TaskStatus] | None:

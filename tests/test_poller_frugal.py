@@ -215,3 +215,16 @@ class TestBindingBudget:
         entries[4].querying = False  # one fewer: the budget would idle before the answer
         due = [e for e in entries if not e.querying]
         assert poller._sweep_worth(entries, due, 100.0)
+
+    @pytest.mark.parametrize(("query_rate", "sweeps"), [(2.0, True), (50.0, False)])
+    def test_an_early_model_sweeps_only_when_the_budget_would_idle(
+        self, query_rate: float, sweeps: bool
+    ) -> None:
+        # One task seen finished after 0.5 s; 30 watched 1 s ago: the model, knowing only that
+        # one, calls them all finished. 1 s after the last sweep (1.5 s until the stretched
+        # one), 30 probable finishes would idle a budget of 2/s (3 fetches by then), not
+        # one of 50/s (75): only the small budget is worth an early page.
+        poller, entries = self._poller(query_rate, 10.0, watched=30, querying=0)
+        poller.model.observe(None, 0.5)
+        poller._last_sweep = 99.0
+        assert poller._sweep_worth(entries, entries, 100.0) is sweeps
