@@ -240,7 +240,7 @@ class StatusPoller:
         self._last_round = -math.inf
         self._last_sweep = -math.inf
         #: Finished tasks per second the last regular sweep found, over the time since the
-        #: one before: what the next sweep should find, before the model knows enough.
+        #: one before: at the query rate or above, the query budget binds.
         self._find_rate = 0.0
         #: How long the last sweep took to answer, per page it read (list pages have a rate
         #: of their own: a sweep of two pages takes at least one page's spacing longer).
