@@ -214,19 +214,28 @@ async def test_a_billed_post_that_outlives_its_timeout(tmp_path: Path) -> None:
 
 
 class AnswerEater:
-    """A TCP relay in front of the simulator's API host, standing for a middlebox on the way:
-    the ``drop``-th submit POST it sees is never delivered (its connection is cut after
-    ``drop_after`` seconds: a lost answer, no task); the ``hold``-th is delivered and its task
-    created, but the answer is swallowed and the connection left open, so the client learns
-    nothing until its own timeout."""
+    """A TCP relay in front of the simulator's API host, standing for a middlebox on the way.
+    It acts on the n-th submit POST it sees (counted from 1) as ``actions`` says:
+
+    * ``("drop", s)``: never delivered; the connection is cut after ``s`` seconds (a lost
+      answer, no task); ``("drop", s, slow, span)``: and the submits that come in the ``span``
+      seconds after that cut are delivered ``slow`` seconds late;
+    * ``("hold",)``: delivered and its task created, but the answer is swallowed and the
+      connection left open: the client learns nothing until its own timeout;
+    * ``("cut",)``: delivered and its task created; the connection is cut when the answer
+      comes (a lost answer, the task exists);
+    * ``("delay", s)``: delivered ``s`` seconds late (a slow path), then answered as usual.
+    """
 
     SUBMIT = b"POST /api/v1/services/aigc/image2video/video-synthesis"
 
-    def __init__(self, upstream: str, *, drop: int, hold: int, drop_after: float) -> None:
+    def __init__(self, upstream: str, actions: dict[int, tuple[Any, ...]]) -> None:
         host, _, port = upstream.removeprefix("http://").partition("/")[0].partition(":")
         self._upstream = (host, int(port))
-        self._drop, self._hold, self._drop_after = drop, hold, drop_after
+        self._actions = actions
         self.submits = 0
+        self._slow = 0.0
+        self._slow_until = 0.0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -251,12 +260,15 @@ class AnswerEater:
         assert task is not None
         self._tasks.add(task)
         ur, uw = await asyncio.open_connection(*self._upstream)
-        swallow = False
+        mode = ""
 
         async def down() -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await ur.read(65536):
-                    if not swallow:
+                    if mode == "cut":
+                        w.transport.abort()
+                        return
+                    if mode != "hold":
                         w.write(data)
                         await w.drain()
             w.close()
@@ -266,21 +278,42 @@ class AnswerEater:
             while data := await r.read(65536):
                 if self.SUBMIT in data:
                     self.submits += 1
-                    if self.submits == self._drop:
-                        await asyncio.sleep(self._drop_after)
+                    action = self._actions.get(self.submits, ("",))
+                    now = asyncio.get_running_loop().time()
+                    if action[0] == "drop":
+                        await asyncio.sleep(action[1])
                         w.transport.abort()
+                        if len(action) > 2:
+                            self._slow = action[2]
+                            self._slow_until = now + action[1] + action[3]
                         break
-                    if self.submits == self._hold:
-                        swallow = True
+                    if now < self._slow_until:
+                        await asyncio.sleep(self._slow)
+                    if action[0] == "delay":
+                        await asyncio.sleep(action[1])
+                    mode = action[0]
                 uw.write(data)
                 await uw.drain()
         except OSError:
             pass
         finally:
             uw.close()
-            if not swallow:
+            if mode != "hold":
                 pump.cancel()
             self._tasks.discard(task)
+
+
+def relay_client(sim: Simulator, relay: AnswerEater, **kw: Any) -> emo_async.Client:
+    kw.setdefault(
+        "limits", Limits(task_qps=40, submit_qps=10, detect_qps=40, policy_qps=100, list_qps=20)
+    )
+    return emo_async.Client(
+        sim.api_key,
+        base_url=relay.base_url,
+        poll=PollPolicy(target_delay=0.05),
+        retry=FAST_RETRY,
+        **kw,
+    )
 
 
 @pytest.mark.xfail(
@@ -307,18 +340,49 @@ async def test_a_stranger_that_is_our_own_unanswered_post_is_not_adopted(tmp_pat
         faults=FaultConfig(latency=0.15), processing_base=2.0, processing_per_audio_second=1.0
     )
     async with Simulator(config) as sim:
-        async with AnswerEater(sim.base_url, drop=3, hold=4, drop_after=0.3) as relay:
-            limits = Limits(task_qps=40, submit_qps=10, detect_qps=40, policy_qps=100, list_qps=20)
+        async with AnswerEater(sim.base_url, {3: ("drop", 0.3), 4: ("hold",)}) as relay:
             timeouts = Timeouts(connect=5.0, read=5.0, total=1.5)
-            async with emo_async.Client(
-                sim.api_key,
-                base_url=relay.base_url,
-                limits=limits,
-                timeouts=timeouts,
-                poll=PollPolicy(target_delay=0.05),
-                retry=FAST_RETRY,
-            ) as client:
+            async with relay_client(sim, relay, timeouts=timeouts) as client:
                 with anyio.fail_after(60):
                     outcomes = await client.run_batch_all(jobs, out, max_tasks=30)
         assert relay.submits >= 5
         check_money(sim, jobs, outcomes, out, "held answer")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17: a lost submit ended unresolved because another lost submit matched its"
+    " task; once that one is no longer pending with it, the other adopts the task alone:"
+    " the first job's clip is saved as the second's",
+)
+async def test_a_task_left_unresolved_for_a_rival_is_not_then_adopted_by_the_rival(
+    tmp_path: Path,
+) -> None:
+    """C's answer is cut after its task was created; D, sent just after it, never reaches the
+    server and fails later (while C is being settled). C's window is bounded first: its task
+    matches C and D alike (equal durations), so C ends unresolved and keeps it. D's window is
+    bounded later (the submits after it are slow): by then C is no longer pending, the task is
+    the only one in D's window billed for D's duration, and D adopts it: C's clip saved as D's.
+
+    Seen (every run): ``clip-C: not resent …: task T matches this job and another lost
+    submit; candidates T``, then ``clip-D: adopted task T (the only unknown task in the submit
+    window …)``; the ledger says T was made from C's audio. When C's keeping of T finishes
+    after D's adoption (the journal drops T from C's candidates then), the whole batch dies
+    instead: ``JournalError: task T is no unresolved job's candidate``
+    (``Finisher.keep`` → ``record_candidate_file``)."""
+    jobs = make_sample_set(tmp_path / "in", 24, portraits=2, seconds=(1.0, 1.0), seed=10)
+    out = tmp_path / "out"
+    # Tasks run 0.6 s: C's own task keeps its window undecided until D is pending too.
+    config = sim_config(
+        faults=FaultConfig(latency=0.15), processing_base=300.0, processing_per_audio_second=1.0
+    )
+    # C is the 3rd submit, D the 4th (cut 0.6 s after it was sent); the submits in the second
+    # after D's cut, the ones that bound D's window, are slow.
+    actions: dict[int, tuple[Any, ...]] = {3: ("cut",), 4: ("drop", 0.6, 0.5, 1.0)}
+    async with Simulator(config) as sim:
+        async with AnswerEater(sim.base_url, actions) as relay:
+            async with relay_client(sim, relay) as client:
+                with anyio.fail_after(60):
+                    outcomes = await client.run_batch_all(jobs, out, max_tasks=24)
+        assert relay.submits >= len(jobs)
+        check_money(sim, jobs, outcomes, out, "unresolved then adopted")
