@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from emo_async._batch._attribution import (
     Evidence,
+    Flight,
     ListedTask,
     LostSubmit,
     OwnTask,
@@ -53,6 +55,40 @@ def evidence(*items: ListedTask, owns=(BEFORE, AFTER), reached_end=False, comple
         complete_after=srv(complete) if complete is not None else None,
         reached_end=reached_end,
     )
+
+
+class TestRivalsOfOurOwn:
+    """A task that may be another of our submits' is never adopted (issue 17 break attempts)."""
+
+    EV = evidence(listed("b", 5.1), listed("x", 11), listed("a", 20.1))
+
+    def test_a_post_still_out_that_may_have_made_it_holds_the_adoption(self) -> None:
+        assert decide([LOST], self.EV)["job"].verdict == Verdict.ADOPT
+        out = Flight(at(10.5), audio_seconds=3.5, ratio="1:1")
+        d = decide([LOST], self.EV, flights=[out])["job"]
+        assert d.verdict == Verdict.WAIT
+        assert "still unanswered" in d.reason
+
+    def test_a_post_out_that_cannot_have_made_it_does_not(self) -> None:
+        sent_later = Flight(at(15), audio_seconds=3.5, ratio="1:1")  # after x was created
+        other_audio = Flight(at(10.5), audio_seconds=5.0, ratio="1:1")
+        d = decide([LOST], self.EV, flights=[sent_later, other_audio])["job"]
+        assert (d.verdict, d.task_id) == (Verdict.ADOPT, "x")
+
+    def test_an_unresolved_submits_candidate_is_not_adopted(self) -> None:
+        late = attrs.evolve(LOST, patience_over=True)
+        d = decide([late], self.EV, reserved={"x"})["job"]
+        assert d.verdict == Verdict.UNRESOLVED
+        assert [c.task_id for c in d.candidates] == ["x"]
+
+    def test_an_unresolved_submit_keeps_the_tasks_of_its_whole_proof_window(self) -> None:
+        # "y" was created after our clock says the task could be (failed at 12 + settle 2,
+        # server offset known from b and a), yet before the later witness: not this job's by
+        # its duration either, but nothing rules it out, and its video is kept.
+        ev = evidence(listed("b", 5.1), listed("y", 18, dur=3.6), listed("a", 20.1))
+        d = decide([attrs.evolve(LOST, patience_over=True)], ev)["job"]
+        assert d.verdict == Verdict.UNRESOLVED
+        assert [c.task_id for c in d.candidates] == ["y"]
 
 
 class TestVerdicts:

@@ -122,13 +122,6 @@ MIXES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="races of the two adoption bugs reproduced reliably below (a task of ours whose"
-    " answer is still out, a task left to a rival decided earlier): 'lost-both-ways' and"
-    " 'errors-beside-lost' misattribute a clip in about one run of three. Once they are"
-    " fixed this must become a plain test (remove this mark)",
-)
 @pytest.mark.parametrize("mix", sorted(MIXES))
 async def test_pipelined_lost_answers_keep_the_money_rule(tmp_path: Path, mix: str) -> None:
     figures = []
@@ -199,16 +192,11 @@ async def test_a_batch_left_mid_window_and_resumed_by_a_new_client(
     await leave_mid_window_then_resume(tmp_path, seed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a billed POST whose task is created later than the settling delay after the client"
-    " gave up (a timeout; settle is min(2 s, 0.4 x target_delay), 20 ms here) is resent when"
-    " the round runs before the task exists (billed twice: the documented assumption), or"
-    " ends unresolved without keeping it when it runs after (see the test below)",
-)
 async def test_a_billed_post_that_outlives_its_timeout(tmp_path: Path) -> None:
     """Slow answers that come after the client gave up (a timeout on a billed POST), while
-    other POSTs are in flight: the server still creates the task, a little later."""
+    other POSTs are in flight: the server still creates the task, a little later, but within
+    the settling delay (min(2 s, 0.4 x target_delay) = 0.6 s here) that the rule assumes. (A
+    task created later than that may be resent for: the documented assumption.)"""
     figures = []
     for seed in (7, 8):
         jobs = make_sample_set(
@@ -219,12 +207,15 @@ async def test_a_billed_post_that_outlives_its_timeout(tmp_path: Path) -> None:
         config = sim_config(faults=faults, processing_base=2.0, processing_per_audio_second=1.0)
         async with Simulator(config) as sim:
             timeouts = Timeouts(connect=5.0, read=5.0, total=0.3)
-            async with client_for(sim, limits=LIMITS, timeouts=timeouts) as client:
+            poll = PollPolicy(target_delay=1.5)
+            async with client_for(sim, limits=LIMITS, timeouts=timeouts, poll=poll) as client:
                 with anyio.fail_after(60):
                     outcomes = await client.run_batch_all(jobs, out, max_tasks=20)
             figures.append(
                 (seed, lost_faults(sim), check_money(sim, jobs, outcomes, out, f"timeout {seed}"))
             )
+    # Some POSTs really were slower than the client's patience.
+    assert sum(faults.get("slow", 0) for _, faults, _ in figures) > 0, figures
 
 
 class AnswerEater:
@@ -335,12 +326,6 @@ def relay_client(sim: Simulator, relay: AnswerEater, **kw: Any) -> emo_async.Cli
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17: a lost submit adopts the task of another POST of ours still in flight"
-    " (its answer not yet come), then that POST, timed out, finds its task accounted for and"
-    " sends again: billed twice, and the first job saves the second's clip",
-)
 async def test_a_stranger_that_is_our_own_unanswered_post_is_not_adopted(tmp_path: Path) -> None:
     """Two submits in flight: A's is cut before it reaches the server (no task), B's creates
     its task but its answer is held by a middlebox until the client times out. While A's loss
@@ -368,12 +353,6 @@ async def test_a_stranger_that_is_our_own_unanswered_post_is_not_adopted(tmp_pat
         check_money(sim, jobs, outcomes, out, "held answer")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17: a lost submit ended unresolved because another lost submit matched its"
-    " task; once that one is no longer pending with it, the other adopts the task alone:"
-    " the first job's clip is saved as the second's",
-)
 async def test_a_task_left_unresolved_for_a_rival_is_not_then_adopted_by_the_rival(
     tmp_path: Path,
 ) -> None:
@@ -407,12 +386,6 @@ async def test_a_task_left_unresolved_for_a_rival_is_not_then_adopted_by_the_riv
         check_money(sim, jobs, outcomes, out, "unresolved then adopted")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a lost submit whose task turns up after the candidate window (created after the"
-    " settling delay) but inside the proof window ends unresolved with no candidate: that"
-    " paid video is never kept in .unattributed/",
-)
 async def test_a_task_created_after_the_give_up_is_kept_when_not_resent(tmp_path: Path) -> None:
     """A's POST waits 0.7 s on the way (a slow middlebox) and the client gives up at 0.5 s;
     the server then creates A's task, later than the settling delay assumes. The submits

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -33,6 +33,7 @@ from .._owned import OwnTask
 __all__ = [
     "Decision",
     "Evidence",
+    "Flight",
     "ListedTask",
     "LostSubmit",
     "OwnTask",
@@ -114,6 +115,30 @@ class LostSubmit:
     audio_seconds: float | None
     ratio: str | None = None
     patience_over: bool = False
+
+
+@attrs.frozen
+class Flight:
+    """A billed POST of ours that is out: sent, neither answered nor given up on yet.
+
+    Its task may already be in the list, a stranger until its answer comes: no lost submit
+    adopts a task it may have created (it waits for that answer, or that failure).
+    """
+
+    sent_at: _dt.datetime
+    audio_seconds: float | None
+    ratio: str | None = None
+
+    def may_have_created(self, task: ListedTask, off_lo: _dt.timedelta) -> bool:
+        """Whether ``task`` may be this POST's: created after it was sent (``off_lo``: the
+        least server − our clock offset), billed for its audio (if known)."""
+        if task.created_at is not None and task.created_at < self.sent_at + off_lo:
+            return False
+        if self.audio_seconds is None:
+            return True
+        return durations_match(
+            task.video_duration, self.audio_seconds, billed_ratio=task.video_ratio, ratio=self.ratio
+        )
 
 
 @attrs.frozen
@@ -320,14 +345,25 @@ def to_query(lost: Iterable[LostSubmit], ev: Evidence) -> set[str]:
     return wanted
 
 
-def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
+def decide(
+    lost: Iterable[LostSubmit],
+    ev: Evidence,
+    *,
+    flights: Sequence[Flight] = (),
+    reserved: Collection[str] = frozenset(),
+) -> dict[str, Decision]:
     """Decide every lost submit of one reconciling round together (they may compete for the
     same candidate). A task adopted by one is, from then on, ours for the others: it may be
-    what stood between them and a decision, so they are decided again."""
+    what stood between them and a decision, so they are decided again.
+
+    ``flights``: our POSTs still out (their tasks may be in the list, unanswered yet).
+    ``reserved``: candidates of lost submits already decided unresolved: any may be theirs,
+    so none is adopted by another (it stays a candidate of both).
+    """
     pending = list(lost)
     decided: dict[str, Decision] = {}
     while True:
-        got = _decide_once(pending, ev)
+        got = _decide_once(pending, ev, flights, reserved)
         adopted = {k: d for k, d in got.items() if d.verdict == Verdict.ADOPT}
         if not adopted:
             decided.update(got)
@@ -342,8 +378,14 @@ def decide(lost: Iterable[LostSubmit], ev: Evidence) -> dict[str, Decision]:
         ev = attrs.evolve(ev, own=own)
 
 
-def _decide_once(losts: list[LostSubmit], ev: Evidence) -> dict[str, Decision]:
+def _decide_once(
+    losts: list[LostSubmit],
+    ev: Evidence,
+    flights: Sequence[Flight],
+    reserved: Collection[str],
+) -> dict[str, Decision]:
     seen = {t.task_id: t for t in ev.listed if t.task_id}
+    off_lo = _offset(ev, seen)[0]
     strangers = [t for t in seen.values() if t.task_id not in ev.own]
     windows = {ls.key: _window(ls, ev, seen) for ls in losts}
     inside = {
@@ -360,16 +402,25 @@ def _decide_once(losts: list[LostSubmit], ev: Evidence) -> dict[str, Decision]:
         ]
         for ls in losts
     }
-    claimed: dict[str, int] = {}
+    # An unresolved submit's candidate is claimed by it, as by a lost submit of this round.
+    claimed: dict[str, int] = {t: 1 for t in reserved}
     for found in matches.values():
         for t in found:
             claimed[t.task_id] = claimed.get(t.task_id, 0) + 1
-    return {
-        ls.key: _verdict(
+    out: dict[str, Decision] = {}
+    for ls in losts:
+        verdict = _verdict(
             ls, windows[ls.key], inside[ls.key], near[ls.key], matches[ls.key], claimed
         )
-        for ls in losts
-    }
+        if verdict.verdict == Verdict.ADOPT:
+            task = seen[verdict.task_id or ""]
+            if any(f.may_have_created(task, off_lo) for f in flights):
+                verdict = Decision(
+                    Verdict.WAIT,
+                    f"task {task.task_id} may be that of a submit of ours still unanswered",
+                )
+        out[ls.key] = verdict
+    return out
 
 
 def _verdict(
@@ -411,13 +462,16 @@ def _verdict(
             Verdict.UNRESOLVED, f"the task list cannot show the submit window ({window.why_not})"
         )
     inside = unexplained
+    # Whatever else is kept, every finished task that stands in the way of a resend may be
+    # this job's (its POST may have been slower than the settling delay): kept too.
+    wide = tuple(t for t in inside if t.status == "SUCCEEDED")
     if lost.audio_seconds is None:
         # Nothing can prove a task is this job's; every finished one may be.
         return Decision(
             Verdict.UNRESOLVED,
             f"{len(inside)} unknown task(s) in the submit window and the job's audio duration"
             " is unknown, so none can be attributed",
-            candidates=tuple(t for t in near if t.status == "SUCCEEDED"),
+            candidates=_union(tuple(t for t in near if t.status == "SUCCEEDED"), wide),
         )
     if matches:
         reason = (
@@ -425,9 +479,9 @@ def _verdict(
             if len(matches) > 1
             else f"task {matches[0].task_id} matches this job and another lost submit"
         )
-        return Decision(Verdict.UNRESOLVED, reason, candidates=tuple(matches))
-    # None billed exactly for this job's audio, but not clearly for other audio either: not
-    # adopted, not resent, and those near enough to be ours are kept.
+        return Decision(Verdict.UNRESOLVED, reason, candidates=_union(tuple(matches), wide))
+    # None billed exactly for this job's audio where its task can be (by our clock), but not
+    # clearly for other audio either: not adopted, not resent, and kept.
     maybe = tuple(
         t
         for t in near
@@ -435,7 +489,15 @@ def _verdict(
     )
     return Decision(
         Verdict.UNRESOLVED,
-        f"{len(inside)} unknown task(s) in the submit window, none billed for this job's"
-        f" {lost.audio_seconds} s of audio: not resending while they are unexplained",
-        candidates=maybe,
+        f"{len(inside)} unknown task(s) in the submit window, none provably this job's"
+        f" ({lost.audio_seconds} s of audio): not resending while they are unexplained",
+        candidates=_union(maybe, wide),
     )
+
+
+def _union(*groups: tuple[ListedTask, ...]) -> tuple[ListedTask, ...]:
+    seen: dict[str, ListedTask] = {}
+    for group in groups:
+        for t in group:
+            seen.setdefault(t.task_id, t)
+    return tuple(seen.values())

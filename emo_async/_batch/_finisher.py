@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._config import RESULT_URL_VALIDITY
-from .._exceptions import EmoError, JobCancelledError, JobFailedError, ResultExpiredError
+from .._exceptions import (
+    EmoError,
+    JobCancelledError,
+    JobFailedError,
+    JournalError,
+    ResultExpiredError,
+)
 from .._models import OutcomeState, Task, TaskStatus
 from ._job import TRANSIENT_TRIES, EventKind, InFlight, Reporter
 
@@ -240,9 +246,17 @@ class Finisher:
             )
             if self._journal is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._journal.record_candidate_file(
-                        task.task_id, path=str(result.path), size=result.size, sha256=result.sha256
-                    )
+                    try:
+                        await self._journal.record_candidate_file(
+                            task.task_id,
+                            path=str(result.path),
+                            size=result.size,
+                            sha256=result.sha256,
+                        )
+                    except JournalError as exc:
+                        # Attributed to a job while it downloaded (its candidates are then
+                        # gone): that job has its own copy; this one stays, unrecorded.
+                        logger.warning("kept task %s, not recorded: %s", task.task_id, exc)
             return result.path
         finally:
             done.set()

@@ -7,9 +7,11 @@ A lost answer pauses nothing but its own job: other submits go on, and are the v
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -21,6 +23,7 @@ from .._owned import OwnTask
 from ._attribution import (
     Decision,
     Evidence,
+    Flight,
     ListedTask,
     LostSubmit,
     Verdict,
@@ -123,6 +126,8 @@ class Reconciler:
             Tasks answered while the list was read are then known too.
         competing: Whether another worker's open intent overlaps a lost submit's window: no
             task in it can then be proven ours (the submit waits, then ends unresolved).
+        reserved: Candidates of lost submits left unresolved earlier (a journal's): no other
+            lost submit adopts one. Those this reconciler leaves unresolved join them.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class Reconciler:
         max_pages: int = 50,
         refresh: Callable[[], Awaitable[None]] | None = None,
         competing: Callable[[LostSubmit], bool] | None = None,
+        reserved: Iterable[str] = (),
     ) -> None:
         self._client = client
         self._refresh = refresh
@@ -152,6 +158,9 @@ class Reconciler:
         self._finished: dict[str, Task] = {}
         self._no_more_witnesses = False
         self._failed_reads = 0
+        self._reserved = set(reserved)
+        self._flights: dict[int, Flight] = {}
+        self._flight_ids = itertools.count()
         self.rounds = 0
 
     @property
@@ -187,6 +196,19 @@ class Reconciler:
             if sent_at >= entry.lost.failed_at + self._settle:
                 entry.witnessed = True
 
+    @contextlib.contextmanager
+    def in_flight(
+        self, sent_at: _dt.datetime, audio_seconds: float | None, ratio: str | None
+    ) -> Iterator[None]:
+        """Around a billed POST of ours: until it is answered or given up on, its task may be
+        in the list as a stranger, and no lost submit may adopt a task it may have created."""
+        key = next(self._flight_ids)
+        self._flights[key] = Flight(sent_at, audio_seconds, ratio)
+        try:
+            yield
+        finally:
+            del self._flights[key]
+
     def finished_task(self, task_id: str) -> Task | None:
         """A candidate's final snapshot, when a round queried it."""
         return self._finished.get(task_id)
@@ -214,6 +236,9 @@ class Reconciler:
             )
             for e in entries
         ]
+        # POSTs out when this round began: one that fails while the list is read is a lost
+        # submit this round does not decide, and its task still no other's to adopt.
+        flying = list(self._flights.values())
         before = {**self._known(), **self._client.owned.snapshot()}
         skew = _dt.timedelta(seconds=1)
         try:
@@ -253,13 +278,23 @@ class Reconciler:
             except EmoError as exc:
                 logger.info("reconciling: query of candidate %s failed: %s", task_id, exc)
         if self._finished:
+            # Answers that came in during those queries are ours as well.
+            own = {**self._known(), **self._client.owned.snapshot()}
             ev = self._evidence(found, own, skew)
         contested = {ls.key for ls in losts if self._competing and self._competing(ls)}
         # Another worker's open intent is a lost submit we cannot see the audio of: it stands
         # in as a twin of each submit it overlaps, so no task one of them matches is adopted,
         # and no task is taken for ours in a way that would explain it away for the others.
         twins = [attrs.evolve(ls, key=ls.key + _TWIN) for ls in losts if ls.key in contested]
-        for key, decision in decide([*losts, *twins], ev).items():
+        deciding = {ls.key for ls in losts}
+        later = [
+            Flight(e.lost.sent_at, e.lost.audio_seconds, e.lost.ratio)
+            for e in self._pending.values()
+            if e.lost.key not in deciding
+        ]
+        flights = [*flying, *self._flights.values(), *later]
+        decisions = decide([*losts, *twins], ev, flights=flights, reserved=self._reserved)
+        for key, decision in decisions.items():
             if key.endswith(_TWIN):
                 continue
             if key in contested and decision.verdict != Verdict.RESEND:
@@ -281,8 +316,13 @@ class Reconciler:
                 continue
             if decision.verdict == Verdict.ADOPT:
                 assert decision.task_id is not None
+                if decision.task_id in self._client.owned or decision.task_id in self._known():
+                    # Answered to a submit of ours since the evidence was taken: not this one's.
+                    continue
                 # Ours from this instant: the next round must not offer it to anyone else.
                 self._client.owned.add(decision.task_id, sent_at=entry.lost.sent_at)
+            elif decision.verdict == Verdict.UNRESOLVED:
+                self._reserved.update(c.task_id for c in decision.candidates)
             entry.decision = decision
             entry.done.set()
 

@@ -58,6 +58,8 @@ def make_reconciler(
     policy: BatchPolicy,
     known: Callable[[], dict[str, OwnTask]] = dict,
     shared: SharedBatch | None = None,
+    *,
+    reserved: Iterable[str] = (),
 ) -> Reconciler:
     """A reconciler on the client's own time scale (its poll policy's target delay)."""
     unit = client.poll_policy.target_delay
@@ -71,6 +73,7 @@ def make_reconciler(
         page_size=client.poll_policy.list_page_size,
         refresh=shared.refresh if shared is not None else None,
         competing=shared.competing if shared is not None else None,
+        reserved=reserved,
     )
 
 
@@ -128,6 +131,8 @@ class BatchRun:
         self._on_event = on_event
         self._slots = Slots(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
+        #: Candidates of jobs the journal records unresolved: never adopted by another job.
+        self._reserved: set[str] = set()
         self._handled: set[str] = set()
         self._names = FeedNames(out_dir)
         self._stack: AsyncExitStack | None = None
@@ -221,6 +226,8 @@ class BatchRun:
         elif arg is not None and arg is not False:
             self._journal = await open_batch_journal(stack, arg, self.out_dir)
             self._known = await known_tasks(self._journal)
+        if self._journal is not None:
+            self._reserved = {c.task_id for c in await self._journal.candidates()}
 
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""
@@ -256,7 +263,7 @@ class BatchRun:
             self._finisher = finisher
             shared = self.shared
             known = (lambda: shared.known) if shared is not None else (lambda: self._known)
-            reconciler = make_reconciler(client, policy, known, shared)
+            reconciler = make_reconciler(client, policy, known, shared, reserved=self._reserved)
             async with anyio.create_task_group() as background:
                 background.start_soon(reconciler.run)
                 if shared is not None:

@@ -246,7 +246,11 @@ class Submitter:
             # The POST and the recording of its answer go together: a cancellation waits for
             # both, so a task id that was created is never dropped on the floor.
             fence = self._fence(item) if self._fence is not None else None
-            with anyio.CancelScope(shield=True), billed_fence(fence):
+            with (
+                anyio.CancelScope(shield=True),
+                billed_fence(fence),
+                self._reconciler.in_flight(sent_at, item.audio_seconds, item.ratio),
+            ):
                 try:
                     task = await self._service.submit(
                         item.image_url,  # type: ignore[arg-type]
