@@ -199,13 +199,22 @@ class Reconciler:
     @contextlib.contextmanager
     def in_flight(
         self, sent_at: _dt.datetime, audio_seconds: float | None, ratio: str | None
-    ) -> Iterator[None]:
+    ) -> Iterator[Callable[[], None]]:
         """Around a billed POST of ours: until it is answered or given up on, its task may be
-        in the list as a stranger, and no lost submit may adopt a task it may have created."""
+        in the list as a stranger, and no lost submit may adopt a task it may have created.
+
+        Yields a callable to call as each attempt goes on the wire: an attempt is retried only
+        when it provably created nothing, so only the latest can have made a task (a POST
+        retried through a 429 burst then holds up fewer adoptions).
+        """
         key = next(self._flight_ids)
-        self._flights[key] = Flight(sent_at, audio_seconds, ratio)
+        flight = self._flights[key] = Flight(sent_at, audio_seconds, ratio)
+
+        def attempt() -> None:
+            self._flights[key] = attrs.evolve(flight, sent_at=_dt.datetime.now(_dt.UTC))
+
         try:
-            yield
+            yield attempt
         finally:
             del self._flights[key]
 

@@ -248,8 +248,8 @@ class Submitter:
             fence = self._fence(item) if self._fence is not None else None
             with (
                 anyio.CancelScope(shield=True),
-                billed_fence(fence),
-                self._reconciler.in_flight(sent_at, item.audio_seconds, item.ratio),
+                self._reconciler.in_flight(sent_at, item.audio_seconds, item.ratio) as attempt,
+                billed_fence(_each(fence, attempt)),
             ):
                 try:
                     task = await self._service.submit(
@@ -370,6 +370,17 @@ class Submitter:
             decision.reason, candidates=[c.task_id for c in candidates], job=item.job
         )
         await self._report.emit(item, OutcomeState.UNRESOLVED, exc=exc, journal_phase=False)
+
+
+def _each(fence: Callable[[], None] | None, attempt: Callable[[], None]) -> Callable[[], None]:
+    """Before each billed attempt: the fence (which may stop it), then note it is going out."""
+
+    def check() -> None:
+        if fence is not None:
+            fence()
+        attempt()
+
+    return check
 
 
 def _candidate(listed: ListedTask, reconciler: Reconciler) -> Candidate:
