@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 __all__ = ["Client", "ClientStatistics"]
 
 logger = logging.getLogger("emo_async")
+#: Seconds a closing client waits for its shared account to hand its leases over.
+_CLOSE_PATIENCE = 10.0
 
 
 @attrs.frozen
@@ -337,12 +339,18 @@ class Client(Conveniences, AsyncContextManagerMixin):
                 raise single from None
         finally:
             self._state = "closed"
-            if self._account is not None:
-                await self._account.aclose()
-            account_registry.release(self.base_url, self.__key)
-            await billed_session.close()
-            await api_session.close()
-            await ext_session.close()
+            # Shielded, and bounded: leaving under a cancellation must still close everything
+            # (the first cancelled await would otherwise skip the rest, and leak sessions).
+            with anyio.CancelScope(shield=True):
+                try:
+                    if self._account is not None:
+                        with anyio.move_on_after(_CLOSE_PATIENCE):
+                            await self._account.aclose()
+                finally:
+                    account_registry.release(self.base_url, self.__key)
+                    await billed_session.close()
+                    await api_session.close()
+                    await ext_session.close()
 
     async def aclose(self) -> None:
         """Close a client opened with ``await client.__aenter__()``, like leaving its

@@ -133,6 +133,17 @@ class TestLifecycle:
                 pass
         assert sim.ledger.count() == 1
 
+    async def test_a_cancelled_block_still_closes_every_session(self, sim: Simulator) -> None:
+        with anyio.CancelScope() as scope:
+            async with Client(sim.api_key, base_url=sim.base_url) as client:
+                http = client._http
+                assert http is not None
+                scope.cancel()
+                await anyio.sleep(1)  # cancelled here: the block is left under cancellation
+        assert scope.cancelled_caught
+        sessions = [http._session, http._billed_session, http._external_session]
+        assert all(s is not None and s.closed for s in sessions)
+
     async def test_aclose_of_a_never_opened_client_marks_it_closed(self, sim: Simulator) -> None:
         import emo_async
 
