@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .._media import ValidatedJob
 
 __all__ = [
+    "THROTTLED_FACTOR",
     "TRANSIENT_TRIES",
     "BatchEvent",
     "BatchStats",
@@ -29,6 +30,7 @@ __all__ = [
     "Reporter",
     "is_transient",
     "pause_after",
+    "tries_for",
 ]
 
 logger = logging.getLogger("emo_async.batch")
@@ -278,6 +280,16 @@ class Reporter:
 #: client-wide retry budget that a long batch under load spends quickly; without these, one
 #: throttled submit or detection would fail its job although nothing happened on the server.
 TRANSIENT_TRIES = 5
+#: A 429 says only that the account is busy: a step throttled again and again gets this many
+#: times more tries before its job fails (its waits grow with each, up to the policy's cap).
+THROTTLED_FACTOR = 3
+
+
+def tries_for(exc: BaseException, base: int) -> int:
+    """Batch-level tries a step gets when ``exc`` is what it last failed with."""
+    from .._exceptions import RateLimitError
+
+    return base * THROTTLED_FACTOR if isinstance(exc, RateLimitError) else base
 
 
 def is_transient(exc: BaseException, retry_after_max: float) -> bool:

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._config import DETECT_MODEL, EMO_MODEL, UPLOAD_VALIDITY
 from .._exceptions import DetectionRejectedError, EmoError, InputError
-from ._job import TRANSIENT_TRIES, EventKind, InFlight, Reporter, is_transient, pause_after
+from ._job import (
+    TRANSIENT_TRIES,
+    EventKind,
+    InFlight,
+    Reporter,
+    is_transient,
+    pause_after,
+    tries_for,
+)
 
 if TYPE_CHECKING:
     from .._journal import Journal
@@ -63,7 +71,8 @@ class Stager:
             InputError, DetectionRejectedError: refused (nothing was spent).
             EmoError: failed for good.
         """
-        for attempt in range(TRANSIENT_TRIES):
+        attempt = 0
+        while True:
             try:
                 await self._stage_once(item, contents or {})
                 return
@@ -71,8 +80,11 @@ class Stager:
                 raise
             except EmoError as exc:
                 retry = self._service.retry
-                if is_transient(exc, retry.retry_after_max) and attempt + 1 < TRANSIENT_TRIES:
+                if is_transient(exc, retry.retry_after_max) and attempt + 1 < tries_for(
+                    exc, TRANSIENT_TRIES
+                ):
                     await pause_after(item, exc, attempt, retry)
+                    attempt += 1
                     continue
                 raise
 

@@ -26,7 +26,15 @@ from .._models import OutcomeState, Task
 from .._ratelimit import AdaptiveRateLimiter
 from .._retry import billed_fence
 from ._attribution import Decision, ListedTask, LostSubmit, Verdict
-from ._job import EventKind, InFlight, Reporter, is_transient, pause_after
+from ._job import (
+    THROTTLED_FACTOR,
+    EventKind,
+    InFlight,
+    Reporter,
+    is_transient,
+    pause_after,
+    tries_for,
+)
 from ._policy import BatchPolicy, ReconcilePolicy
 
 if TYPE_CHECKING:
@@ -173,14 +181,17 @@ class Submitter:
         self._reconciler.no_more_witnesses(self._input_closed and self.active == 0)
 
     async def _submit(self, item: InFlight) -> str | None:
-        for attempt in range(MAX_SUBMITS):
+        # Up to MAX_SUBMITS sends, more while the account answers 429 (nothing created).
+        for attempt in range(MAX_SUBMITS * THROTTLED_FACTOR):
             lost, failure, sent_at = await self._send(item)
             if lost is None and failure is None:
                 return item.task_id
             if failure is not None:
                 await self._clear_intent(item)
                 retry = self._service.retry
-                if is_transient(failure, retry.retry_after_max) and attempt + 1 < MAX_SUBMITS:
+                if is_transient(failure, retry.retry_after_max) and attempt + 1 < tries_for(
+                    failure, MAX_SUBMITS
+                ):
                     # A 429, a 503, or no connection at all: nothing was created.
                     self._slots.release_on_behalf_of(item)
                     try:
@@ -209,7 +220,9 @@ class Submitter:
                 self.active += 1
             if verdict == Verdict.ADOPT:
                 return item.task_id
-            if verdict != Verdict.RESEND:
+            if verdict != Verdict.RESEND or attempt + 1 >= MAX_SUBMITS:
+                if verdict == Verdict.RESEND:
+                    break  # sent MAX_SUBMITS times, every one provably lost: give up
                 return None
         self._slots.release_on_behalf_of(item)
         await self._report.emit(
