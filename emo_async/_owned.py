@@ -9,8 +9,11 @@ instead of paying a second time.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import itertools
+from collections.abc import Callable, Iterator
 
 import attrs
 
@@ -39,6 +42,11 @@ class OwnedTasks:
         self._tasks: dict[str, OwnTask] = {}
         self._by_job: dict[str, str] = {}
         self._lost: dict[str, tuple[_dt.datetime, _dt.datetime]] = {}
+        #: What a lost answer's job was billed for, while it is not settled: (audio, ratio).
+        self._lost_bill: dict[str, tuple[float | None, str | None]] = {}
+        #: Billed POSTs out right now: (sent_at of the latest attempt, audio, ratio).
+        self._out: dict[int, tuple[_dt.datetime, float | None, str | None]] = {}
+        self._out_ids = itertools.count()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -64,6 +72,7 @@ class OwnedTasks:
             self.add(task.task_id, sent_at=task.sent_at, answered_at=task.answered_at)
         self._by_job.update(other._by_job)
         self._lost.update(other._lost)
+        self._lost_bill.update(other._lost_bill)
 
     def snapshot(self) -> dict[str, OwnTask]:
         return dict(self._tasks)
@@ -78,16 +87,58 @@ class OwnedTasks:
     def unbind(self, job_key: str) -> None:
         self._by_job.pop(job_key, None)
 
-    def note_lost(self, job_key: str, sent_at: _dt.datetime, failed_at: _dt.datetime) -> None:
-        """A submit of this job lost its answer and is not settled yet (for journal-less runs:
-        a caller cancelled while it was being settled must not send it again blindly)."""
+    def note_lost(
+        self,
+        job_key: str,
+        sent_at: _dt.datetime,
+        failed_at: _dt.datetime,
+        *,
+        audio_seconds: float | None = None,
+        ratio: str | None = None,
+    ) -> None:
+        """A submit of this job lost its answer and is not settled yet: a caller cancelled
+        while it was being settled must not send it again blindly, and until it is settled no
+        other lost answer (of any batch or call on this account) adopts a task it may have
+        made."""
         self._lost[job_key] = (sent_at, failed_at)
+        self._lost_bill[job_key] = (audio_seconds, ratio)
+
+    def unsettled(self) -> list[tuple[str, _dt.datetime, float | None, str | None]]:
+        """Lost answers not settled yet: (job key, sent at, audio seconds, ratio)."""
+        return [
+            (key, sent, *self._lost_bill.get(key, (None, None)))
+            for key, (sent, _) in self._lost.items()
+        ]
+
+    @contextlib.contextmanager
+    def out(
+        self, sent_at: _dt.datetime, audio_seconds: float | None, ratio: str | None
+    ) -> Iterator[Callable[[], None]]:
+        """Around a billed POST: until it is answered or given up on, its task may be in the
+        task list unknown, and no lost answer on this account adopts a task it may have made.
+        Yields a callable to call as each attempt goes out (an attempt is retried only when it
+        provably made nothing: only the latest may have)."""
+        key = next(self._out_ids)
+        self._out[key] = (sent_at, audio_seconds, ratio)
+
+        def attempt() -> None:
+            self._out[key] = (_dt.datetime.now(_dt.UTC), audio_seconds, ratio)
+
+        try:
+            yield attempt
+        finally:
+            del self._out[key]
+
+    def posts_out(self) -> list[tuple[_dt.datetime, float | None, str | None]]:
+        """Billed POSTs out now: (sent at, audio seconds, ratio)."""
+        return list(self._out.values())
 
     def lost_of(self, job_key: str) -> tuple[_dt.datetime, _dt.datetime] | None:
         return self._lost.get(job_key)
 
     def settled(self, job_key: str) -> None:
         self._lost.pop(job_key, None)
+        self._lost_bill.pop(job_key, None)
 
 
 class _Accounts:

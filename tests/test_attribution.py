@@ -67,7 +67,7 @@ class TestRivalsOfOurOwn:
         out = Flight(at(10.5), audio_seconds=3.5, ratio="1:1")
         d = decide([LOST], self.EV, flights=[out])["job"]
         assert d.verdict == Verdict.WAIT
-        assert "still unanswered" in d.reason
+        assert "another submit of ours, unsettled" in d.reason
 
     def test_a_post_out_that_cannot_have_made_it_does_not(self) -> None:
         sent_later = Flight(at(15), audio_seconds=3.5, ratio="1:1")  # after x was created
@@ -77,7 +77,16 @@ class TestRivalsOfOurOwn:
 
     def test_an_unresolved_submits_candidate_is_not_adopted(self) -> None:
         late = attrs.evolve(LOST, patience_over=True)
-        d = decide([late], self.EV, reserved={"x"})["job"]
+        d = decide([late], self.EV, reserved={"x": {"other-job"}})["job"]
+        assert d.verdict == Verdict.UNRESOLVED
+        assert [c.task_id for c in d.candidates] == ["x"]
+        # The job's own candidate, from an earlier run, does not stand against it.
+        d = decide([late], self.EV, reserved={"x": {"job"}})["job"]
+        assert (d.verdict, d.task_id) == (Verdict.ADOPT, "x")
+
+    def test_a_post_out_past_patience_ends_unresolved_not_waiting(self) -> None:
+        out = Flight(at(10.5), audio_seconds=3.5, ratio="1:1")
+        d = decide([attrs.evolve(LOST, patience_over=True)], self.EV, flights=[out])["job"]
         assert d.verdict == Verdict.UNRESOLVED
         assert [c.task_id for c in d.candidates] == ["x"]
 

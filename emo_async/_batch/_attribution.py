@@ -350,20 +350,20 @@ def decide(
     ev: Evidence,
     *,
     flights: Sequence[Flight] = (),
-    reserved: Collection[str] = frozenset(),
+    reserved: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, Decision]:
     """Decide every lost submit of one reconciling round together (they may compete for the
     same candidate). A task adopted by one is, from then on, ours for the others: it may be
     what stood between them and a decision, so they are decided again.
 
     ``flights``: our POSTs still out (their tasks may be in the list, unanswered yet).
-    ``reserved``: candidates of lost submits already decided unresolved: any may be theirs,
-    so none is adopted by another (it stays a candidate of both).
+    ``reserved``: candidates of lost submits already decided unresolved (task id → their job
+    keys): any may be theirs, so none is adopted by another job (it stays a candidate of both).
     """
     pending = list(lost)
     decided: dict[str, Decision] = {}
     while True:
-        got = _decide_once(pending, ev, flights, reserved)
+        got = _decide_once(pending, ev, flights, reserved or {})
         adopted = {k: d for k, d in got.items() if d.verdict == Verdict.ADOPT}
         if not adopted:
             decided.update(got)
@@ -382,7 +382,7 @@ def _decide_once(
     losts: list[LostSubmit],
     ev: Evidence,
     flights: Sequence[Flight],
-    reserved: Collection[str],
+    reserved: Mapping[str, Collection[str]],
 ) -> dict[str, Decision]:
     seen = {t.task_id: t for t in ev.listed if t.task_id}
     off_lo = _offset(ev, seen)[0]
@@ -402,22 +402,28 @@ def _decide_once(
         ]
         for ls in losts
     }
-    # An unresolved submit's candidate is claimed by it, as by a lost submit of this round.
-    claimed: dict[str, int] = {t: 1 for t in reserved}
+    claimed: dict[str, int] = {}
     for found in matches.values():
         for t in found:
             claimed[t.task_id] = claimed.get(t.task_id, 0) + 1
     out: dict[str, Decision] = {}
     for ls in losts:
-        verdict = _verdict(
-            ls, windows[ls.key], inside[ls.key], near[ls.key], matches[ls.key], claimed
-        )
+        # Another job's unresolved submit claims its candidates, as a lost submit of this
+        # round would (a job's own candidates do not stand against it).
+        mine = {
+            t.task_id: claimed[t.task_id] + any(k != ls.key for k in reserved.get(t.task_id, ()))
+            for t in matches[ls.key]
+        }
+        verdict = _verdict(ls, windows[ls.key], inside[ls.key], near[ls.key], matches[ls.key], mine)
         if verdict.verdict == Verdict.ADOPT:
             task = seen[verdict.task_id or ""]
             if any(f.may_have_created(task, off_lo) for f in flights):
-                verdict = Decision(
-                    Verdict.WAIT,
-                    f"task {task.task_id} may be that of a submit of ours still unanswered",
+                why = f"task {task.task_id} may be that of another submit of ours, unsettled"
+                # Bounded: a lost answer noted by a call that was cancelled may never settle.
+                verdict = (
+                    Decision(Verdict.UNRESOLVED, why, candidates=(task,))
+                    if ls.patience_over
+                    else Decision(Verdict.WAIT, why)
                 )
         out[ls.key] = verdict
     return out

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import itertools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
@@ -126,8 +125,9 @@ class Reconciler:
             Tasks answered while the list was read are then known too.
         competing: Whether another worker's open intent overlaps a lost submit's window: no
             task in it can then be proven ours (the submit waits, then ends unresolved).
-        reserved: Candidates of lost submits left unresolved earlier (a journal's): no other
-            lost submit adopts one. Those this reconciler leaves unresolved join them.
+        reserved: Candidates of lost submits left unresolved earlier (a journal's), task id →
+            those jobs' keys: no other job's lost submit adopts one. Those this reconciler
+            leaves unresolved join them.
     """
 
     def __init__(
@@ -142,7 +142,7 @@ class Reconciler:
         max_pages: int = 50,
         refresh: Callable[[], Awaitable[None]] | None = None,
         competing: Callable[[LostSubmit], bool] | None = None,
-        reserved: Iterable[str] = (),
+        reserved: Mapping[str, Iterable[str]] | None = None,
     ) -> None:
         self._client = client
         self._refresh = refresh
@@ -158,9 +158,9 @@ class Reconciler:
         self._finished: dict[str, Task] = {}
         self._no_more_witnesses = False
         self._failed_reads = 0
-        self._reserved = set(reserved)
-        self._flights: dict[int, Flight] = {}
-        self._flight_ids = itertools.count()
+        self._reserved: dict[str, set[str]] = {
+            task: set(keys) for task, keys in (reserved or {}).items()
+        }
         self.rounds = 0
 
     @property
@@ -196,27 +196,24 @@ class Reconciler:
             if sent_at >= entry.lost.failed_at + self._settle:
                 entry.witnessed = True
 
-    @contextlib.contextmanager
     def in_flight(
         self, sent_at: _dt.datetime, audio_seconds: float | None, ratio: str | None
-    ) -> Iterator[Callable[[], None]]:
-        """Around a billed POST of ours: until it is answered or given up on, its task may be
-        in the list as a stranger, and no lost submit may adopt a task it may have created.
+    ) -> contextlib.AbstractContextManager[Callable[[], None]]:
+        """Around a billed POST of ours (see :meth:`OwnedTasks.out`): registered with the
+        client's registry, which every batch and call on the account reads."""
+        return self._client.owned.out(sent_at, audio_seconds, ratio)
 
-        Yields a callable to call as each attempt goes on the wire: an attempt is retried only
-        when it provably created nothing, so only the latest can have made a task (a POST
-        retried through a 429 burst then holds up fewer adoptions).
-        """
-        key = next(self._flight_ids)
-        flight = self._flights[key] = Flight(sent_at, audio_seconds, ratio)
-
-        def attempt() -> None:
-            self._flights[key] = attrs.evolve(flight, sent_at=_dt.datetime.now(_dt.UTC))
-
-        try:
-            yield attempt
-        finally:
-            del self._flights[key]
+    def _flights(self, deciding: set[str]) -> list[Flight]:
+        """Our POSTs out now, and lost answers on this account not decided in this round."""
+        owned = self._client.owned
+        return [
+            *(Flight(*out) for out in owned.posts_out()),
+            *(
+                Flight(sent, audio, ratio)
+                for key, sent, audio, ratio in owned.unsettled()
+                if key not in deciding
+            ),
+        ]
 
     def finished_task(self, task_id: str) -> Task | None:
         """A candidate's final snapshot, when a round queried it."""
@@ -247,7 +244,8 @@ class Reconciler:
         ]
         # POSTs out when this round began: one that fails while the list is read is a lost
         # submit this round does not decide, and its task still no other's to adopt.
-        flying = list(self._flights.values())
+        losts_keys = {e.lost.key for e in entries}
+        flying = self._flights(losts_keys)
         before = {**self._known(), **self._client.owned.snapshot()}
         skew = _dt.timedelta(seconds=1)
         try:
@@ -295,13 +293,7 @@ class Reconciler:
         # in as a twin of each submit it overlaps, so no task one of them matches is adopted,
         # and no task is taken for ours in a way that would explain it away for the others.
         twins = [attrs.evolve(ls, key=ls.key + _TWIN) for ls in losts if ls.key in contested]
-        deciding = {ls.key for ls in losts}
-        later = [
-            Flight(e.lost.sent_at, e.lost.audio_seconds, e.lost.ratio)
-            for e in self._pending.values()
-            if e.lost.key not in deciding
-        ]
-        flights = [*flying, *self._flights.values(), *later]
+        flights = [*flying, *self._flights(losts_keys)]
         decisions = decide([*losts, *twins], ev, flights=flights, reserved=self._reserved)
         for key, decision in decisions.items():
             if key.endswith(_TWIN):
@@ -331,7 +323,8 @@ class Reconciler:
                 # Ours from this instant: the next round must not offer it to anyone else.
                 self._client.owned.add(decision.task_id, sent_at=entry.lost.sent_at)
             elif decision.verdict == Verdict.UNRESOLVED:
-                self._reserved.update(c.task_id for c in decision.candidates)
+                for c in decision.candidates:
+                    self._reserved.setdefault(c.task_id, set()).add(key)
             entry.decision = decision
             entry.done.set()
 

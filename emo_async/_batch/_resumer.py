@@ -152,6 +152,12 @@ class Resumer:
     async def resume(self, records: list[JobRecord], tg: anyio.abc.TaskGroup) -> None:
         from .._journal import JobPhase
 
+        # Every intent of an earlier run is noted lost at once, before any is settled: until
+        # each is, no other lost answer adopts a task it may have made.
+        now = _dt.datetime.now(_dt.UTC)
+        for rec in records:
+            if rec.phase in (JobPhase.INTENT, JobPhase.UNRESOLVED):
+                self._submitter.owned.note_lost(rec.key, rec.intent_at or rec.updated_at, now)
         for rec in records:
             item = InFlight(rec.job, key=rec.key, record=rec, task_id=rec.task_id)
             item.dest = self._dest_for(item)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from types import TracebackType
@@ -59,7 +59,7 @@ def make_reconciler(
     known: Callable[[], dict[str, OwnTask]] = dict,
     shared: SharedBatch | None = None,
     *,
-    reserved: Iterable[str] = (),
+    reserved: Mapping[str, Iterable[str]] | None = None,
 ) -> Reconciler:
     """A reconciler on the client's own time scale (its poll policy's target delay)."""
     unit = client.poll_policy.target_delay
@@ -131,8 +131,9 @@ class BatchRun:
         self._on_event = on_event
         self._slots = Slots(policy.max_tasks)
         self._known: dict[str, OwnTask] = {}
-        #: Candidates of jobs the journal records unresolved: never adopted by another job.
-        self._reserved: set[str] = set()
+        #: Candidates of jobs the journal records unresolved (task id → job keys): never
+        #: adopted by another job.
+        self._reserved: dict[str, set[str]] = {}
         self._handled: set[str] = set()
         self._names = FeedNames(out_dir)
         self._stack: AsyncExitStack | None = None
@@ -227,7 +228,12 @@ class BatchRun:
             self._journal = await open_batch_journal(stack, arg, self.out_dir)
             self._known = await known_tasks(self._journal)
         if self._journal is not None:
-            self._reserved = {c.task_id for c in await self._journal.candidates()}
+            from .._journal import JobPhase
+
+            async for rec in self._journal.records():
+                if rec.phase == JobPhase.UNRESOLVED:
+                    for c in await self._journal.candidates(rec.key):
+                        self._reserved.setdefault(c.task_id, set()).add(rec.key)
 
     def stats(self) -> BatchStats:
         """A snapshot of the batch's progress."""

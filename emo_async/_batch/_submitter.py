@@ -39,6 +39,7 @@ from ._policy import BatchPolicy, ReconcilePolicy
 
 if TYPE_CHECKING:
     from .._journal import Candidate, Journal
+    from .._owned import OwnedTasks
     from ._ports import Service
     from ._reconciler import Reconciler
     from ._slots import Slots
@@ -118,6 +119,11 @@ class Submitter:
         #: waiting on a lost answer: while any is left, a later witness may still come.
         self.active = 0
         self._input_closed = False
+
+    @property
+    def owned(self) -> OwnedTasks:
+        """The client's registry of its tasks, POSTs out and unsettled lost answers."""
+        return self._service.owned
 
     @property
     def concurrency(self) -> int:
@@ -318,8 +324,9 @@ class Submitter:
             return Verdict.RESEND
         self._slots.release_on_behalf_of(item)
         owned = self._service.owned
-        if self._journal is None:
-            owned.note_lost(item.key, sent_at, failed_at)
+        owned.note_lost(
+            item.key, sent_at, failed_at, audio_seconds=item.audio_seconds, ratio=item.ratio
+        )
         if policy == ReconcilePolicy.FAIL:
             decision = Decision(Verdict.UNRESOLVED, "reconcile='fail': the task list was not read")
         else:
