@@ -109,7 +109,14 @@ async def test_a_dead_workers_jobs_are_finished_by_the_others(tmp_path: Path, pg
                 tg.start_soon(one, i)
         outcomes_all = dead + alive[0] + alive[1]
         check_done(sim, outcomes_all)
-        assert by_job(outcomes_all) == Counter(j.display_name for j in jobs)
+        ended = by_job(outcomes_all)
+        assert max(ended.values()) == 1
+        # The "killed" worker may have finished a few more jobs (saved and journaled) after
+        # the outcome it stopped reading at: nobody read their outcomes, and no survivor ran
+        # them again. Each is a saved video in its folder.
+        unread = {j.display_name for j in jobs} - set(ended)
+        assert all((outs[0] / f"{name}.mp4").is_file() for name in unread), unread
+        assert len(unread) <= 8, unread
         assert sim.ledger.duplicate_tasks() == {}
         assert len(sim.ledger.tasks_created) == 60
         # The survivors saved each job at most once; a worker killed between saving a video
